@@ -1,0 +1,289 @@
+"""The one typed configuration of the project: every default from METHOD.md lives here.
+
+YAML in, resolved YAML out (:func:`dump_config` writes it next to every output). ``--set a.b=c`` overrides are
+applied by :func:`load_config` and parsed as YAML scalars, so ``--set mil.lr=3e-4`` is a float.
+
+Example:
+    >>> cfg = load_config(None, ["mil.head=dtfd", "coupling.rounds=2"])
+    >>> cfg.mil.head, cfg.coupling.rounds, cfg.tiling.target_mpp
+    ('dtfd', 2, 0.5)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from icmil.errors import ConfigError
+from icmil.io import text_digest, write_text_atomic
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Section):
+    """Synthetic cohort generated when no manifest is given (demo, tests)."""
+
+    n_slides: int = Field(24, ge=2)
+    seed: int = 0
+    width: int = Field(6144, ge=512, description="level-0 width in px")
+    height: int = Field(4096, ge=512, description="level-0 height in px")
+    mpp: float = Field(0.5, gt=0, description="level-0 µm/px written into the resolution tags")
+    positive_fraction: float = Field(0.5, gt=0, lt=1)
+    lesions_per_slide: tuple[int, int] = (1, 3)
+    lesion_radius_px: tuple[int, int] = (160, 420)
+    lesion_contrast: float = Field(0.35, ge=0, le=1, description="0 = lesion identical to normal tissue")
+    val_fraction: float = Field(0.25, ge=0, lt=1)
+    test_fraction: float = Field(0.25, ge=0, lt=1)
+
+
+class TilingConfig(_Section):
+    """Tissue mask (CLAM-style, on a thumbnail) and the patch grid."""
+
+    patch_size: int = Field(256, ge=16, description="output patch edge in px")
+    target_mpp: float = Field(0.5, gt=0, description="µm/px of the output patches (0.5 = 20x)")
+    min_tissue_fraction: float = Field(0.8, ge=0, le=1, description="keep a patch if this much is tissue")
+    mask_mpp: float = Field(8.0, gt=0, description="µm/px of the thumbnail the mask is computed on")
+    saturation_threshold: int = Field(8, ge=0, le=255)
+    use_otsu: bool = False
+    median_blur: int = Field(7, ge=1, description="odd kernel size")
+    close_kernel: int = Field(4, ge=0)
+    min_tissue_area_um2: float = Field(20_000.0, ge=0, description="drop tissue components smaller than this")
+    min_hole_area_um2: float = Field(4_000.0, ge=0, description="fill holes smaller than this")
+    max_failed_fraction: float = Field(0.1, ge=0, le=1, description="stage fails above this fraction")
+
+    @field_validator("median_blur")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("median_blur must be odd")
+        return v
+
+
+class EncoderConfig(_Section):
+    """Patch embedder: a registered name (``resnet50_trunc``, ``tiny_cnn``) or any timm model name."""
+
+    name: str = "resnet50_trunc"
+    weights: str | None = Field(None, description="local .safetensors/.pth file; never downloaded")
+    pretrained: bool = Field(False, description="timm hub weights (needs internet)")
+    normalization: Literal["imagenet", "none"] = "imagenet"
+
+
+class EmbedConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(2, ge=0)
+    amp: bool = Field(True, description="autocast on CUDA (ignored on CPU)")
+    channels_last: bool = True
+    device: str = "auto"
+    max_failed_fraction: float = Field(0.1, ge=0, le=1)
+
+
+class MILConfig(_Section):
+    """Bag classifier (stage 1). ``lr=None`` means the head's default from METHOD.md."""
+
+    head: str = "abmil"
+    hidden_dim: int = Field(512, ge=1, description="DimRed output size")
+    attention_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(200, ge=1)
+    patience: int | None = Field(30, ge=1)
+    grad_clip: float = Field(5.0, gt=0)
+    seed: int = 0
+    dtfd_pseudo_bags: int = Field(5, ge=1)
+    dtfd_distill: Literal["afs", "maxs", "maxmins"] = "afs"
+    dtfd_tier_blend: bool = Field(False, description="TMI teacher: 0.7*tier2 + 0.3*tier1 logits")
+    transmil_teacher: Literal["single_instance", "token_head"] = "single_instance"
+    bootstrap_samples: int = Field(1000, ge=0)
+
+
+class CouplingConfig(_Section):
+    """Stage 2 (teacher-student fine-tuning of the embedder) and the round driver."""
+
+    rounds: int = Field(1, ge=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(100, ge=1)
+    max_steps: int = Field(500, ge=1)
+    eval_every: int = Field(50, ge=1, description="re-embed val slides and score them every K steps")
+    loss_weight_wide1: float = 0.5
+    loss_weight_wide2: float = 0.5
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    confidence: bool = Field(False, description="TMI variant: weight L_c by |2a-1|^beta")
+    beta: dict[str, float] = Field(default_factory=lambda: {"abmil": 6.0, "dtfd": 2.0, "maxpool": 6.0, "transmil": 6.0})
+    hard_negatives: bool = Field(False, description="patches of negative slides are hard 0 (improvement)")
+    balanced_sampler: bool = Field(False, description="balance teacher-positive/negative patches (improvement)")
+    per_slide_confidence: bool = Field(False, description="normalise attention per slide (improvement)")
+    stain_augment: bool = Field(False, description="HED/colour jitter on the student view (improvement)")
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or sqlite in the run folder")
+    registry_uri: str | None = None
+    experiment: str = "icmil"
+    registered_model: str = "icmil-slide-classifier"
+    promotion_metric: str = "auc"
+    promotion_split: Literal["val", "test"] = "test"
+    promotion_margin: float = Field(0.0, ge=0)
+    promotion_floor: float = Field(0.5, ge=0, le=1, description="first version needs at least this")
+    retries: int = Field(5, ge=0)
+
+
+class SearchSpace(_Section):
+    low: float
+    high: float
+    log: bool = False
+    kind: Literal["float", "int"] = "float"
+
+
+class TuningConfig(_Section):
+    enabled: bool = False
+    n_trials: int = Field(8, ge=1)
+    workers: int = Field(1, ge=1, description="parallel workers sharing one study (needs PostgreSQL)")
+    storage: str | None = Field(None, description="None: sqlite in the run folder; postgresql://... for workers")
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    epochs: int = Field(30, ge=1, description="bag-head epochs per trial")
+    heartbeat_interval: int = Field(30, ge=1)
+    mil_space: dict[str, SearchSpace] = Field(
+        default_factory=lambda: {
+            "lr": SearchSpace(low=1e-5, high=1e-3, log=True),
+            "weight_decay": SearchSpace(low=1e-6, high=1e-3, log=True),
+            "dropout": SearchSpace(low=0.0, high=0.5),
+            "attention_dim": SearchSpace(low=32, high=256, log=True, kind="int"),
+        }
+    )
+    coupling_space: dict[str, SearchSpace] = Field(default_factory=dict)
+
+
+class PipelineConfig(_Section):
+    """Kubeflow placement. Ignored by the local runner."""
+
+    image: str = "ghcr.io/icmil-kfp/icmil:0.1.0"
+    pipeline_name: str = "icmil"
+    shards: int = Field(2, ge=1, description="ParallelFor width for tiling and embedding")
+    gpu_accelerator_type: str = "nvidia.com/gpu"
+    gpu_limit: int = Field(1, ge=0)
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    mlflow_secret: str = "icmil-mlflow"
+    s3_secret: str = "icmil-s3"
+    feature_store_pvc: str | None = None
+    feature_store_mount: str = "/mnt/icmil"
+    cpu_request: str = "2"
+    memory_request: str = "8G"
+    gpu_memory_request: str = "32G"
+
+
+class ICMILConfig(_Section):
+    """Root config. ``run_dir`` holds every output of one run; relative paths resolve against the CWD."""
+
+    run_dir: Path = Path("runs/demo")
+    manifest: str | None = Field(None, description="CSV slide_id,path,label[,split][,mpp]; None: synthesise")
+    classes: list[str] | None = Field(None, description="allowed labels in order; None: sorted unique labels")
+    seed: int = 0
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    cache_dir: Path | None = Field(None, description="local cache for s3:// slides; None: run_dir/cache")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    mil: MILConfig = Field(default_factory=MILConfig)
+    coupling: CouplingConfig = Field(default_factory=CouplingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    def digest(self) -> str:
+        """Stable short hash of the resolved config."""
+        return text_digest(self.model_dump(mode="json"))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form a.b=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML) and return it."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ICMILConfig:
+    """Validate a nested dict into :class:`ICMILConfig`, turning pydantic errors into a ``ConfigError``."""
+    try:
+        return ICMILConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid config {source}: {problems}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ICMILConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``a.b=c`` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded or {}
+    apply_overrides(data, list(overrides))
+    return config_from_dict(data, source)
+
+
+def config_to_yaml(cfg: ICMILConfig) -> str:
+    """The resolved config as YAML text (all defaults spelled out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_yaml(text: str) -> ICMILConfig:
+    """Inverse of :func:`config_to_yaml` (used by pipeline components, which receive the config as a string)."""
+    loaded = yaml.safe_load(text) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("config text must hold a mapping at the top level")
+    return config_from_dict(loaded, "<text>")
+
+
+def dump_config(cfg: ICMILConfig, directory: str | os.PathLike[str], name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an output (``directory/config.yaml``) atomically."""
+    return write_text_atomic(Path(directory) / name, config_to_yaml(cfg))
