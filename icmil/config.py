@@ -117,9 +117,13 @@ class CouplingConfig(_Section):
     loss_weight_wide2: float = 0.5
     crop_scale: tuple[float, float] = (0.5, 1.0)
     confidence: bool = Field(False, description="TMI variant: weight L_c by |2a-1|^beta")
-    beta: dict[str, float] = Field(default_factory=lambda: {"abmil": 6.0, "dtfd": 2.0, "maxpool": 6.0, "transmil": 6.0})
+    beta: dict[str, float] = Field(
+        default_factory=lambda: {"abmil": 6.0, "dtfd": 2.0, "maxpool": 6.0, "transmil": 6.0}
+    )
     hard_negatives: bool = Field(False, description="patches of negative slides are hard 0 (improvement)")
-    balanced_sampler: bool = Field(False, description="balance teacher-positive/negative patches (improvement)")
+    balanced_sampler: bool = Field(
+        False, description="balance teacher-positive/negative patches (improvement)"
+    )
     per_slide_confidence: bool = Field(False, description="normalise attention per slide (improvement)")
     stain_augment: bool = Field(False, description="HED/colour jitter on the student view (improvement)")
     amp: bool = True
@@ -129,7 +133,9 @@ class CouplingConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or sqlite in the run folder")
+    tracking_uri: str | None = Field(
+        None, description="None: MLFLOW_TRACKING_URI or sqlite in the run folder"
+    )
     registry_uri: str | None = None
     experiment: str = "icmil"
     registered_model: str = "icmil-slide-classifier"
@@ -151,7 +157,9 @@ class TuningConfig(_Section):
     enabled: bool = False
     n_trials: int = Field(8, ge=1)
     workers: int = Field(1, ge=1, description="parallel workers sharing one study (needs PostgreSQL)")
-    storage: str | None = Field(None, description="None: sqlite in the run folder; postgresql://... for workers")
+    storage: str | None = Field(
+        None, description="None: sqlite in the run folder; postgresql://... for workers"
+    )
     pruner: Literal["median", "hyperband", "none"] = "median"
     epochs: int = Field(30, ge=1, description="bag-head epochs per trial")
     heartbeat_interval: int = Field(30, ge=1)

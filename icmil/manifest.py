@@ -57,9 +57,7 @@ class Manifest:
         return write_text_atomic(path, self.slides.to_csv(index=False))
 
 
-def _stratified_split(
-    labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float
-) -> np.ndarray:
+def _stratified_split(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
     """Seeded per-class split; every split that is asked for gets at least one slide of each class if possible."""
     rng = np.random.default_rng(seed)
     out = np.empty(len(labels), dtype=object)
@@ -67,8 +65,8 @@ def _stratified_split(
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
         n = len(idx)
-        n_test = int(round(n * test_fraction)) if test_fraction > 0 else 0
-        n_val = int(round(n * val_fraction)) if val_fraction > 0 else 0
+        n_test = round(n * test_fraction) if test_fraction > 0 else 0
+        n_val = round(n * val_fraction) if val_fraction > 0 else 0
         if test_fraction > 0 and n >= 3:
             n_test = max(n_test, 1)
         if val_fraction > 0 and n >= 3:

@@ -1,0 +1,358 @@
+"""The ``icmil`` command: one subcommand per stage, each a thin wrapper over the library function of that stage.
+
+Every subcommand takes ``--config FILE`` and repeated ``--set a.b=value`` overrides; the resolved config is written
+next to the output. Errors the project raises on purpose (``ICMILError``) print one clear message and exit 2
+(``PromotionRejected`` exits 3 so schedulers can tell "kept the champion" from a crash).
+
+Example:
+    $ icmil synth runs/slides --slides 8 --seed 0
+    $ icmil tile --manifest runs/slides/manifest.csv --out runs/tiles
+    $ icmil run configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from icmil.config import ICMILConfig, dump_config, load_config
+from icmil.errors import ICMILError, PromotionRejected
+from icmil.log import get_logger
+
+log = get_logger("cli")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=None, help="YAML config (defaults: icmil/config.py)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set mil.head=dtfd (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> ICMILConfig:
+    return load_config(args.config, [*extra, *args.overrides])
+
+
+def _manifest(cfg: ICMILConfig, path: Path) -> Any:
+    from icmil.manifest import read_manifest
+
+    return read_manifest(
+        path,
+        classes=cfg.classes,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+    )
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from icmil.slides import synthesize_cohort
+
+    extra = (
+        [f"synth.n_slides={args.slides}", f"synth.seed={args.seed}"]
+        if args.slides
+        else [f"synth.seed={args.seed}"]
+    )
+    cfg = _config(args, extra)
+    manifest = synthesize_cohort(args.out, cfg.synth)
+    dump_config(cfg, args.out)
+    print(f"wrote {cfg.synth.n_slides} synthetic slides; manifest: {manifest}")
+    return 0
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    from icmil.slides import tile_manifest
+
+    cfg = _config(args)
+    manifest = _manifest(cfg, args.manifest)
+    report = tile_manifest(manifest, args.out, cfg.tiling, cache_dir=cfg.cache_dir)
+    dump_config(cfg, args.out)
+    print(report)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from icmil.features import create_encoder, embed_manifest, load_encoder
+
+    cfg = _config(args)
+    manifest = _manifest(cfg, args.manifest)
+    encoder = load_encoder(args.encoder) if args.encoder else create_encoder(cfg.encoder)
+    report = embed_manifest(manifest, args.tiles, args.out, encoder, cfg.embed, cache_dir=cfg.cache_dir)
+    dump_config(cfg, args.out)
+    print(report)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from icmil.mil import train_mil_head
+
+    cfg = _config(args, [f"mil.head={args.head}"] if args.head else [])
+    manifest = _manifest(cfg, args.manifest)
+    lesions = json.loads(args.lesions.read_text()) if args.lesions else None
+    result = train_mil_head(manifest, args.features, args.out, cfg.mil, lesions=lesions)
+    dump_config(cfg, args.out)
+    print(result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from icmil.mil import evaluate_mil_head, load_mil_head
+
+    cfg = _config(args)
+    manifest = _manifest(cfg, args.manifest)
+    metrics, predictions = evaluate_mil_head(
+        load_mil_head(args.head_dir), manifest, args.features, args.split
+    )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        predictions.to_csv(args.out / f"predictions_{args.split}.csv", index=False)
+    _print_json(metrics)
+    return 0
+
+
+def cmd_couple(args: argparse.Namespace) -> int:
+    from icmil.coupling import run_coupling
+
+    extra = [f"run_dir={args.out}"]
+    if args.manifest:
+        extra.append(f"manifest={args.manifest}")
+    if args.rounds is not None:
+        extra.append(f"coupling.rounds={args.rounds}")
+    cfg = _config(args, extra)
+    summary = run_coupling(cfg)
+    print(summary.to_string(index=False))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.runner import run_local
+
+    extra = [f"run_dir={args.out}"] if args.out else []
+    cfg = load_config(args.config_file, [*extra, *args.overrides])
+    run_local(cfg)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.runner import compile_pipeline
+
+    cfg = _config(args)
+    path = compile_pipeline(cfg, args.out)
+    print(f"compiled pipeline: {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.runner import submit
+
+    cfg = _config(args)
+    run_id = submit(
+        cfg,
+        host=args.host,
+        experiment=args.experiment,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        run_name=args.run_name,
+    )
+    print(f"submitted run {run_id}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.runner import schedule
+
+    cfg = _config(args)
+    job_id = schedule(
+        cfg,
+        host=args.host,
+        cron=args.cron,
+        experiment=args.experiment,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        name=args.name,
+    )
+    print(f"created recurring run {job_id} ({args.cron})")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from icmil.tuning import tune_round
+
+    cfg = _config(args)
+    result = tune_round(
+        cfg,
+        manifest_csv=args.manifest,
+        features_dir=args.features,
+        out_dir=args.out,
+        round_index=args.round,
+        study_name=args.study,
+        n_trials=args.trials,
+    )
+    print(result)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from icmil.tracking import promote
+
+    cfg = _config(args)
+    result = promote(
+        args.model or cfg.tracking.registered_model,
+        metric=cfg.tracking.promotion_metric,
+        split=cfg.tracking.promotion_split,
+        margin=cfg.tracking.promotion_margin,
+        floor=cfg.tracking.promotion_floor,
+        tracking_uri=args.tracking_uri or cfg.tracking.tracking_uri,
+        target_registry_uri=args.target_registry,
+    )
+    print(result)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from icmil.tracking import predict_slides
+
+    table = predict_slides(
+        args.model, [str(s) for s in args.slides], args.out, tracking_uri=args.tracking_uri
+    )
+    print(table.to_string(index=False))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from icmil.config import config_to_yaml
+
+    print(config_to_yaml(_config(args)), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icmil", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("synth", cmd_synth, "write a synthetic cohort of pyramidal TIFF slides + manifest + lesion boxes")
+    p.add_argument("out", type=Path)
+    p.add_argument("--slides", type=int, default=None, help="number of slides (default: synth.n_slides)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("tile", cmd_tile, "tissue mask + patch grid per slide -> tiles HDF5 + status table")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("embed", cmd_embed, "embed every tiled slide -> one features HDF5 per slide")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--tiles", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--encoder", type=Path, default=None, help="saved encoder folder (default: encoder.* config)"
+    )
+
+    p = add("train", cmd_train, "train a MIL bag head on features; writes metrics, ROC and heatmaps")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--head", default=None, help="maxpool | abmil | dtfd | transmil (default: mil.head)")
+    p.add_argument("--lesions", type=Path, default=None, help="lesions.json for patch-level evaluation")
+
+    p = add("evaluate", cmd_evaluate, "evaluate a trained bag head on one split")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--head-dir", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", type=Path, default=None)
+
+    p = add("couple", cmd_couple, "run ICMIL rounds: embed, train, fine-tune, re-embed, retrain (resumable)")
+    p.add_argument("--manifest", type=Path, default=None, help="default: synthesise a cohort")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=None)
+
+    p = sub.add_parser("run", help="run the whole Kubeflow pipeline locally (KFP local runner)")
+    p.add_argument("config_file", type=Path, nargs="?", default=None)
+    p.add_argument("--out", type=Path, default=None, help="run folder (overrides run_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_run)
+
+    p = add("compile", cmd_compile, "compile the pipeline to a Kubeflow YAML")
+    p.add_argument("--out", type=Path, default=Path("icmil_pipeline.yaml"))
+
+    for name, func, help_ in (
+        ("submit", cmd_submit, "upload the pipeline and start a run on a Kubeflow Pipelines host"),
+        ("schedule", cmd_schedule, "create a recurring (retraining) run on a Kubeflow Pipelines host"),
+    ):
+        p = add(name, func, help_)
+        p.add_argument("--host", required=True, help="KFP API URL, e.g. http://ml-pipeline.kubeflow:8888")
+        p.add_argument("--experiment", default="icmil")
+        p.add_argument("--namespace", default=None)
+        p.add_argument("--service-account", default=None)
+        if name == "submit":
+            p.add_argument("--run-name", default=None)
+        else:
+            p.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * 1'")
+            p.add_argument("--name", default="icmil-retraining")
+
+    p = add("tune", cmd_tune, "Optuna study for one round's bag head (objective: validation AUC)")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--study", default=None, help="study name (default: derived from run folder and round)")
+    p.add_argument("--trials", type=int, default=None)
+
+    p = add("promote", cmd_promote, "move alias champion to the challenger if it wins (exit 3 if not)")
+    p.add_argument("--model", default=None, help="registered model name (default: tracking.registered_model)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--target-registry", default=None, help="promote into another registry (dev -> prod)")
+
+    p = add("predict", cmd_predict, "predict slides with a registered model, e.g. models:/NAME@champion")
+    p.add_argument("--model", required=True)
+    p.add_argument("slides", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("predictions"))
+    p.add_argument("--tracking-uri", default=None)
+
+    add("config", cmd_config, "print the resolved config (defaults + file + overrides)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``icmil`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PromotionRejected as err:
+        print(f"icmil {args.command}: not promoted: {err}", file=sys.stderr)
+        return 3
+    except ICMILError as err:
+        print(f"icmil {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"icmil {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
