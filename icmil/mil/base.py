@@ -1,0 +1,156 @@
+"""The bag-classifier interface (:class:`MILHead`), its output (:class:`BagOutput`) and the head registry.
+
+Every head exposes two faces:
+
+* the **bag classifier** (stage 1): ``forward(features (N, D)) -> BagOutput`` with slide logits ``(C,)``;
+* the **instance teacher** (stage 2, METHOD.md): ``instance_embed`` (the DimRed trunk, ``(N, H)``),
+  ``instance_classify`` (the head applied to single instances, ``(N, C)``), their composition
+  ``instance_logits`` and ``attention_scores`` (raw, pre-softmax per-instance scores for the TMI
+  confidence weights).
+
+Heads register themselves by name, timm-style, so tests and the CLI can iterate over every head.
+
+Example:
+    >>> import torch
+    >>> head = create_mil_head("abmil", in_dim=16, n_classes=2, hidden_dim=8, attention_dim=4)
+    >>> out = head(torch.randn(5, 16))
+    >>> tuple(out.logits.shape), tuple(out.attention.shape), tuple(head.instance_logits(torch.randn(5, 16)).shape)
+    ((2,), (5,), (5, 2))
+    >>> "transmil" in list_mil_heads()
+    True
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icmil.errors import ConfigError
+
+
+@dataclass
+class BagOutput:
+    """What a head returns for one bag.
+
+    ``logits``: slide logits ``(C,)``. ``attention``: per-instance pooling weights ``(N,)`` summing to 1, or
+    None when the head has none. ``extras``: anything the head's own loss needs (e.g. DTFD tier-1 logits).
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MILHead(nn.Module, ABC):
+    """Base class of every bag classifier.
+
+    Subclasses set ``name`` (the registry key) and ``permutation_invariant`` (whether reordering the
+    instances of a bag leaves the eval-mode output unchanged), build their layers in ``__init__`` from
+    keyword arguments only, and record those arguments in ``self.hparams`` so :func:`icmil.mil.save_mil_head`
+    can rebuild them.
+    """
+
+    name: ClassVar[str] = ""
+    permutation_invariant: ClassVar[bool] = True
+
+    def __init__(self, in_dim: int, n_classes: int, **hparams: Any) -> None:
+        super().__init__()
+        if in_dim < 1 or n_classes < 2:
+            raise ConfigError(
+                f"MIL head {self.name!r}: in_dim must be >= 1 and n_classes >= 2, got {in_dim}, {n_classes}"
+            )
+        self.in_dim = int(in_dim)
+        self.n_classes = int(n_classes)
+        self.hparams: dict[str, Any] = dict(hparams)
+        # Class names in label-index order; filled in by training and saved with the weights.
+        self.classes: list[str] | None = None
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor) -> BagOutput:
+        """Classify one bag: ``features (N, in_dim)`` -> :class:`BagOutput` with ``logits (C,)``."""
+
+    @abstractmethod
+    def instance_embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The DimRed trunk applied to each instance: ``(N, in_dim) -> (N, H)``."""
+
+    @abstractmethod
+    def instance_classify(self, h: torch.Tensor) -> torch.Tensor:
+        """The bag head applied to single instances' trunk features: ``(N, H) -> (N, C)`` logits."""
+
+    def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The instance teacher: ``instance_classify(instance_embed(features))``, ``(N, C)`` logits."""
+        return self.instance_classify(self.instance_embed(features))
+
+    def attention_scores(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Raw (pre-softmax) per-instance scores ``(N,)`` for the confidence variant, or None."""
+        return None
+
+    def bag_loss(self, out: BagOutput, label: torch.Tensor) -> torch.Tensor:
+        """Training loss of one bag (cross-entropy on the slide logits; heads may add auxiliary terms).
+
+        ``label`` is a 0-d long tensor holding the class index.
+        """
+        return F.cross_entropy(out.logits.unsqueeze(0), label.view(1))
+
+    def config(self) -> dict[str, Any]:
+        """Everything :func:`create_mil_head` needs to rebuild this head (JSON-serialisable)."""
+        return {
+            "head": self.name,
+            "in_dim": self.in_dim,
+            "n_classes": self.n_classes,
+            "kwargs": dict(self.hparams),
+            "classes": self.classes,
+        }
+
+    @staticmethod
+    def _check_bag(features: torch.Tensor, in_dim: int, who: str) -> None:
+        if features.dim() != 2 or features.shape[1] != in_dim:
+            raise ValueError(f"{who}: expected features of shape (N, {in_dim}), got {tuple(features.shape)}")
+        if features.shape[0] == 0:
+            raise ValueError(f"{who}: empty bag (0 instances); a slide needs at least one patch")
+
+
+H = TypeVar("H", bound=type[MILHead])
+_REGISTRY: dict[str, type[MILHead]] = {}
+
+
+def register_mil_head(name: str) -> Callable[[H], H]:
+    """Class decorator: register a :class:`MILHead` subclass under ``name``.
+
+    >>> @register_mil_head("my_head")  # doctest: +SKIP
+    ... class MyHead(MILHead): ...
+    """
+
+    def deco(cls: H) -> H:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ConfigError(f"MIL head {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_mil_heads() -> list[str]:
+    """Names of every registered head, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_mil_head(name: str, in_dim: int, n_classes: int, **kw: Any) -> MILHead:
+    """Build a registered head. ``kw`` are the head's own hyper-parameters (see each head's docstring).
+
+    >>> create_mil_head("maxpool", 8, 3, hidden_dim=4).n_classes
+    3
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown MIL head {name!r}; registered heads: {list_mil_heads()} (mil.head)")
+    try:
+        return _REGISTRY[name](in_dim=in_dim, n_classes=n_classes, **kw)
+    except TypeError as err:
+        raise ConfigError(f"MIL head {name!r}: bad arguments {sorted(kw)}: {err}") from None
