@@ -1,0 +1,73 @@
+"""Teacher and student for stage 2: a frozen copy and a trainable copy of (encoder, bag head).
+
+The teacher is the round's encoder f_T plus its bag head (DimRed_T, Head_T), frozen: ``requires_grad`` off
+and eval mode (BatchNorm uses running statistics, dropout is off), so its instance decision is the one the
+bag classifier was trained with. The student starts as an exact copy; ALL encoder layers train (METHOD.md:
+no layer freezing, no EMA), as do the copy's trunk and head.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from icmil.mil import create_mil_head
+    >>> pair = make_teacher_student(nn.Linear(4, 6), create_mil_head("abmil", 6, 2, hidden_dim=4, attention_dim=3))
+    >>> any(p.requires_grad for p in pair.teacher_encoder.parameters()), pair.student_encoder.training
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from icmil.mil.base import MILHead
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass
+class TeacherStudent:
+    """The four modules of stage 2. Only the student's parameters are ever handed to the optimiser."""
+
+    teacher_encoder: nn.Module
+    teacher_head: MILHead
+    student_encoder: nn.Module
+    student_head: MILHead
+
+    def student_parameters(self) -> Iterator[nn.Parameter]:
+        """Every student parameter (encoder, trunk, head). Parameters of the bag head that the instance path
+        does not use (attention) simply never get a gradient and so are never updated."""
+        yield from self.student_encoder.parameters()
+        yield from self.student_head.parameters()
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> TeacherStudent:
+        for enc in (self.teacher_encoder, self.student_encoder):
+            enc.to(device)
+            if channels_last:
+                enc.to(memory_format=torch.channels_last)
+        self.teacher_head.to(device)
+        self.student_head.to(device)
+        return self
+
+
+def freeze(module: M) -> M:
+    """Eval mode and no gradients, in place."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def make_teacher_student(encoder: nn.Module, head: MILHead) -> TeacherStudent:
+    """Deep-copy ``encoder`` and ``head`` twice: a frozen teacher and a trainable student (inputs untouched)."""
+    teacher_encoder = freeze(copy.deepcopy(encoder))
+    teacher_head = freeze(copy.deepcopy(head))
+    student_encoder = copy.deepcopy(encoder).train()
+    student_head = copy.deepcopy(head).train()
+    for p in (*student_encoder.parameters(), *student_head.parameters()):
+        p.requires_grad_(True)
+    return TeacherStudent(teacher_encoder, teacher_head, student_encoder, student_head)
