@@ -143,7 +143,13 @@ class TrackingConfig(_Section):
     promotion_split: Literal["val", "test"] = "test"
     promotion_margin: float = Field(0.0, ge=0)
     promotion_floor: float = Field(0.5, ge=0, le=1, description="first version needs at least this")
-    retries: int = Field(5, ge=0)
+    # When challenger and champion were scored on different evaluation data their metrics are not comparable:
+    # "reevaluate" scores both models on the challenger's evaluation table, "refuse" rejects the promotion.
+    on_data_mismatch: Literal["reevaluate", "refuse"] = "reevaluate"
+    retries: int = Field(5, ge=0, description="retries of a failed tracking call (exponential backoff)")
+    retry_backoff: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each retry")
+    retry_backoff_max: float = Field(60.0, ge=0)
+    request_timeout: int = Field(30, ge=1, description="seconds per MLflow HTTP request")
 
 
 class SearchSpace(_Section):

@@ -38,6 +38,10 @@ class StageTracker(Protocol):
         self, name: str, round_index: int | None = None, tags: Mapping[str, str] | None = None
     ) -> contextlib.AbstractContextManager[StageRun]: ...
 
+    def parent(self) -> contextlib.AbstractContextManager[StageRun]:
+        """The parent run itself, for pipeline-level records (per-round test metrics, the summary table)."""
+        ...
+
 
 class _NullRun:
     run_id = ""
@@ -62,4 +66,8 @@ class NullTracker:
     def stage(
         self, name: str, round_index: int | None = None, tags: Mapping[str, str] | None = None
     ) -> Iterator[StageRun]:
+        yield _NullRun()
+
+    @contextlib.contextmanager
+    def parent(self) -> Iterator[StageRun]:
         yield _NullRun()
