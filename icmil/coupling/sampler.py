@@ -1,7 +1,7 @@
 """Which patches stage 2 trains on: the pool of training-slide patches and the two samplers over it.
 
-The pool holds every tile of every TRAINING slide (the one slide split of the run; :func:`PatchPool.build`
-refuses any other split). Per patch it may also carry what the frozen teacher thinks of it, computed once per
+The pool holds every tile of every TRAINING slide (the one slide split of the run; the fine-tuning stage
+checks that no other split's slide is in it). Per patch it may also carry what the frozen teacher thinks of it, computed once per
 round from that round's features (which the teacher encoder itself produced, so no patch is re-encoded):
 
 * ``teacher_score`` — the teacher's probability of "not the negative class" (balanced sampler);
@@ -14,7 +14,8 @@ Example:
     >>> import numpy as np
     >>> pool = PatchPool(
     ...     slide_ids=["a", "b"], slide_labels=np.array([0, 1]), slide_index=np.array([0, 0, 1, 1, 1]),
-    ...     coords=np.zeros((5, 2), np.int64), teacher_score=np.array([0.1, 0.2, 0.9, 0.3, 0.8]))
+    ...     patch_index=np.array([0, 1, 0, 1, 2]), coords=np.zeros((5, 2), np.int64),
+    ...     teacher_score=np.array([0.1, 0.2, 0.9, 0.3, 0.8]))
     >>> s = BalancedSampler(pool, batch_size=4, positive_fraction=0.5, seed=0)
     >>> int(pool.teacher_score[s.sample()].round().sum())  # half of the batch from the 2 positives
     2
@@ -38,14 +39,17 @@ class PatchPool:
     slide_ids: list[str]
     slide_labels: np.ndarray  # (n_slides,) label index
     slide_index: np.ndarray  # (N,) int
+    patch_index: np.ndarray  # (N,) int, row in the slide's (aligned) coordinates
     coords: np.ndarray  # (N, 2) int64
     teacher_score: np.ndarray | None = None  # (N,) float, P(not negative) from the teacher
     slide_confidence: np.ndarray | None = None  # (N,) float in [0, 1], ã normalised per slide
 
     def __post_init__(self) -> None:
         n = len(self.slide_index)
-        if self.coords.shape != (n, 2):
-            raise ValueError(f"coords must be ({n}, 2), got {self.coords.shape}")
+        if self.coords.shape != (n, 2) or self.patch_index.shape != (n,):
+            raise ValueError(
+                f"coords must be ({n}, 2) and patch_index ({n},), got {self.coords.shape}, {self.patch_index.shape}"
+            )
         for name in ("teacher_score", "slide_confidence"):
             arr = getattr(self, name)
             if arr is not None and arr.shape != (n,):

@@ -116,6 +116,7 @@ def _pool(scores: list[float] | None = None, n: int = 10) -> PatchPool:
         slide_ids=["a", "b"],
         slide_labels=np.array([0, 1]),
         slide_index=np.array([0] * (n // 2) + [1] * (n - n // 2)),
+        patch_index=np.array(list(range(n // 2)) + list(range(n - n // 2))),
         coords=np.zeros((n, 2), np.int64),
         teacher_score=None if scores is None else np.array(scores),
     )

@@ -1,0 +1,505 @@
+"""Path-explicit stage functions: the ONE implementation of each stage, called by the round driver
+(:func:`icmil.coupling.run_coupling`, ``icmil couple``) and by the Kubeflow components alike.
+
+Each stage takes the resolved :class:`ICMILConfig`, explicit input/output folders (artifact paths on a cluster),
+the round index where it applies and a :class:`StageTracker`; it logs its parameters, metrics and artifacts under
+``tracker.stage(name, round_index)``, writes the resolved config next to its output and returns a JSON-ready
+dict — the same dict it stores in its **completion marker**. A stage is finished iff its marker exists
+(``<out>/stage.json``, ``stage-<shard>.json`` for a shard, ``round_k/metrics.json`` for evaluation); markers
+are written atomically and last, so a killed run resumes from the last finished stage and a finished stage is
+never repeated (its stored result is returned without opening a tracker run). Inside a stage the library's own
+per-slide skipping (tiles, features) resumes partial work.
+
+Stages (round ``k``; the round-0 encoder is the configured one, materialised once so every later stage
+and process uses the same weights):
+
+====================  ==============================================================================
+``tile_stage``        manifest -> ``tiles/`` (per-slide HDF5 + status.csv)
+``encoder_stage``     config -> ``round_0/encoder/`` (the initial encoder: local weights or seeded init)
+``embed_stage``       tiles + encoder -> ``round_k/features/``
+``train_stage``       features -> ``round_k/head/`` (bag head, stage 1)
+``finetune_stage``    tiles + round k-1 encoder/head/features -> ``round_k/encoder/`` (stage 2)
+``evaluate_stage``    features + head -> ``round_k/metrics.json`` (val/test slide metrics, patch-level AUC)
+====================  ==============================================================================
+
+Example:
+    >>> from icmil.config import load_config
+    >>> cfg = load_config(None, ["encoder.name=tiny_cnn"])
+    >>> tile_stage(cfg, "run/manifest.csv", "run/tiles")  # doctest: +SKIP
+    {'stage': 'tile', 'n_ok': 24, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from icmil.config import ICMILConfig, MILConfig, dump_config
+from icmil.errors import ConfigError, FeatureStoreError
+from icmil.io import text_digest, write_json_atomic
+from icmil.log import get_logger
+from icmil.manifest import Manifest, read_manifest
+from icmil.tracking.base import NullTracker, StageRun, StageTracker
+
+log = get_logger("stages")
+
+STAGE_MARKER = "stage.json"
+METRICS_FILE = "metrics.json"
+
+PathLike = str | os.PathLike[str]
+
+
+# --------------------------------------------------------------------------- markers and shared helpers
+
+
+def marker_path(out_dir: PathLike, shard: Sequence[str] | None = None) -> Path:
+    """The completion marker of a stage writing into ``out_dir`` (one per shard for sharded stages)."""
+    if shard is None:
+        return Path(out_dir) / STAGE_MARKER
+    return Path(out_dir) / f"stage-{text_digest(sorted(str(s) for s in shard))[:8]}.json"
+
+
+def read_marker(path: PathLike) -> dict[str, Any] | None:
+    """The stored result of a finished stage, or None when the stage has not finished."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        # Markers are written atomically, so this is an outside edit: say so instead of silently redoing work.
+        raise FeatureStoreError(
+            f"stage marker {p} is not valid JSON ({err}); delete it to rerun the stage"
+        ) from None
+    return data
+
+
+def _skip(path: Path, name: str, round_index: int | None) -> dict[str, Any] | None:
+    done = read_marker(path)
+    if done is not None:
+        where = f" round {round_index}" if round_index is not None else ""
+        log.info("stage %s%s already finished (%s): skipping", name, where, path)
+    return done
+
+
+def _finish(
+    path: Path, name: str, round_index: int | None, cfg: ICMILConfig, result: Mapping[str, Any], t0: float
+) -> dict[str, Any]:
+    record = {
+        "stage": name,
+        "round": round_index,
+        "config_digest": cfg.digest(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **result,
+    }
+    write_json_atomic(path, record)
+    return record
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of a dict (what a tracker accepts as metrics)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def load_run_manifest(cfg: ICMILConfig, manifest_csv: PathLike) -> Manifest:
+    """The run's resolved manifest (its split column is used as is: one split for every stage and round)."""
+    m = read_manifest(
+        manifest_csv,
+        classes=cfg.classes,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+    )
+    return m
+
+
+def _tracker(tracker: StageTracker | None) -> StageTracker:
+    return tracker if tracker is not None else NullTracker()
+
+
+def _log_artifact(run: StageRun, path: Path, artifact_path: str | None = None) -> None:
+    if path.exists():
+        run.log_artifact(path, artifact_path)
+
+
+def initial_encoder(cfg: ICMILConfig) -> Any:
+    """The round-0 encoder from ``cfg.encoder`` (local weights, hub, or seeded random init)."""
+    from icmil.features import create_encoder
+
+    return create_encoder(cfg.encoder)
+
+
+def _load_encoder_or_initial(cfg: ICMILConfig, encoder_dir: PathLike | None) -> Any:
+    from icmil.features import load_encoder
+
+    return load_encoder(encoder_dir) if encoder_dir is not None else initial_encoder(cfg)
+
+
+def _digest(module: Any) -> str | None:
+    fn = getattr(module, "digest", None)
+    return str(fn()) if callable(fn) else None
+
+
+def read_lesions(lesions_json: PathLike | None) -> dict[str, list[list[float]]] | None:
+    """Lesion boxes ``{slide_id: [[x0, y0, x1, y1], ...]}`` (synthetic cohorts, annotated data), or None."""
+    if lesions_json is None or not Path(lesions_json).is_file():
+        return None
+    try:
+        data = json.loads(Path(lesions_json).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"lesions file {lesions_json} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"lesions file {lesions_json} must map slide ids to lists of [x0, y0, x1, y1] boxes"
+        )
+    return {str(k): [list(map(float, b)) for b in v] for k, v in data.items()}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def tile_stage(
+    cfg: ICMILConfig,
+    manifest_csv: PathLike,
+    tiles_dir: PathLike,
+    shard: Sequence[str] | None = None,
+    tracker: StageTracker | None = None,
+) -> dict[str, Any]:
+    """Tile every slide of the manifest (or the ``shard`` of slide ids) into ``tiles_dir``."""
+    from icmil.slides import tile_manifest
+
+    out = Path(tiles_dir)
+    marker = marker_path(out, shard)
+    if (done := _skip(marker, "tile", None)) is not None:
+        return done
+    t0 = time.perf_counter()
+    manifest = load_run_manifest(cfg, manifest_csv)
+    with _tracker(tracker).stage("tile", None) as run:
+        run.log_params(
+            {
+                "target_mpp": cfg.tiling.target_mpp,
+                "patch_size": cfg.tiling.patch_size,
+                "min_tissue_fraction": cfg.tiling.min_tissue_fraction,
+            }
+        )
+        report = tile_manifest(
+            manifest,
+            out,
+            cfg.tiling,
+            cache_dir=cfg.cache_dir,
+            slide_ids=list(shard) if shard is not None else None,
+        )
+        status = report.status
+        result = {
+            "n_slides": len(status),
+            "n_ok": int((status["status"] != "error").sum()),
+            "n_failed": int((status["status"] == "error").sum()),
+            "n_patches": int(status["n_patches"].sum()) if "n_patches" in status else 0,
+            "failures": dict(getattr(report, "failures", {}) or {}),
+            "status": str(report.status_path),
+        }
+        run.log_metrics(_numeric(result))
+        _log_artifact(run, Path(report.status_path))
+        dump_config(cfg, out)
+        return _finish(marker, "tile", None, cfg, result, t0)
+
+
+def encoder_stage(
+    cfg: ICMILConfig, out_encoder_dir: PathLike, tracker: StageTracker | None = None
+) -> dict[str, Any]:
+    """Materialise the round-0 encoder (``cfg.encoder``) as ``weights.safetensors`` + ``config.json``.
+
+    Every later stage (embedding, the round-1 teacher) then loads these exact weights, whichever process runs it.
+    """
+    from icmil.features import save_encoder
+
+    out = Path(out_encoder_dir)
+    marker = marker_path(out)
+    if (done := _skip(marker, "encoder", 0)) is not None:
+        return done
+    t0 = time.perf_counter()
+    with _tracker(tracker).stage("encoder", 0) as run:
+        encoder = initial_encoder(cfg)
+        save_encoder(
+            encoder,
+            out,
+            extra={
+                "source": cfg.encoder.weights
+                or ("pretrained" if cfg.encoder.pretrained else f"random(seed={cfg.encoder.seed})")
+            },
+        )
+        result = {
+            "encoder_name": encoder.name,
+            "encoder_digest": encoder.digest(),
+            "out_dim": encoder.out_dim,
+            "random_init": not (cfg.encoder.weights or cfg.encoder.pretrained),
+        }
+        run.log_params(
+            {
+                "encoder": encoder.name,
+                "normalization": cfg.encoder.normalization,
+                "encoder_digest": result["encoder_digest"],
+            }
+        )
+        dump_config(cfg, out)
+        return _finish(marker, "encoder", 0, cfg, result, t0)
+
+
+def embed_stage(
+    cfg: ICMILConfig,
+    manifest_csv: PathLike,
+    tiles_dir: PathLike,
+    encoder_dir: PathLike | None,
+    features_dir: PathLike,
+    round_index: int,
+    shard: Sequence[str] | None = None,
+    tracker: StageTracker | None = None,
+) -> dict[str, Any]:
+    """Embed the tiled slides with the encoder in ``encoder_dir`` (None: the configured initial encoder)."""
+    from icmil.features import embed_manifest
+
+    out = Path(features_dir)
+    marker = marker_path(out, shard)
+    if (done := _skip(marker, "embed", round_index)) is not None:
+        return done
+    t0 = time.perf_counter()
+    manifest = load_run_manifest(cfg, manifest_csv)
+    with _tracker(tracker).stage("embed", round_index) as run:
+        encoder = _load_encoder_or_initial(cfg, encoder_dir)
+        run.log_params(
+            {"encoder": encoder.name, "encoder_digest": encoder.digest(), "batch_size": cfg.embed.batch_size}
+        )
+        report = embed_manifest(
+            manifest,
+            tiles_dir,
+            out,
+            encoder,
+            cfg.embed,
+            slide_ids=list(shard) if shard is not None else None,
+            cache_dir=cfg.cache_dir,
+        )
+        result = {
+            "encoder_name": report.encoder_name,
+            "encoder_digest": report.encoder_digest,
+            "n_ok": report.n_ok,
+            "n_cached": report.n_cached,
+            "n_failed": report.n_failed,
+            "n_patches": report.n_embedded_patches,
+            "patches_per_s": report.patches_per_s,
+            "failures": dict(report.failures),
+            "status": str(report.status_path),
+        }
+        run.log_metrics(_numeric(result))
+        _log_artifact(run, Path(report.status_path))
+        dump_config(cfg, out)
+        return _finish(marker, "embed", round_index, cfg, result, t0)
+
+
+def mil_config_with(cfg: ICMILConfig, params: Mapping[str, Any] | None) -> MILConfig:
+    """``cfg.mil`` with tuned ``params`` (e.g. Optuna's best trial) applied and validated."""
+    if not params:
+        return cfg.mil
+    unknown = sorted(set(params) - set(MILConfig.model_fields))
+    if unknown:
+        raise ConfigError(f"tuned parameters {unknown} are not fields of the mil section")
+    return MILConfig.model_validate({**cfg.mil.model_dump(), **dict(params)})
+
+
+def train_stage(
+    cfg: ICMILConfig,
+    manifest_csv: PathLike,
+    features_dir: PathLike,
+    head_dir: PathLike,
+    round_index: int,
+    tracker: StageTracker | None = None,
+    params: Mapping[str, Any] | None = None,
+    lesions_json: PathLike | None = None,
+) -> dict[str, Any]:
+    """Train the bag head (stage 1) on ``features_dir``; ``params`` override ``cfg.mil`` (tuning)."""
+    from icmil.mil import train_mil_head
+
+    out = Path(head_dir)
+    marker = marker_path(out)
+    if (done := _skip(marker, "train", round_index)) is not None:
+        return done
+    t0 = time.perf_counter()
+    manifest = load_run_manifest(cfg, manifest_csv)
+    mil_cfg = mil_config_with(cfg, params)
+    with _tracker(tracker).stage("train", round_index) as run:
+        run.log_params({f"mil.{k}": v for k, v in mil_cfg.model_dump(mode="json").items()})
+
+        def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+            run.log_metrics(_numeric(metrics), step=epoch)
+
+        res = train_mil_head(
+            manifest, features_dir, out, mil_cfg, epoch_callback=on_epoch, lesions=read_lesions(lesions_json)
+        )
+        metrics = dict(getattr(res, "metrics", {}) or {})
+        result = {
+            "head": mil_cfg.head,
+            "params": dict(params or {}),
+            "best_epoch": getattr(res, "best_epoch", None),
+            "metrics": metrics,
+        }
+        run.log_metrics(_numeric(metrics))
+        for name in ("metrics.json", "history.csv", "roc.png"):
+            _log_artifact(run, out / name)
+        dump_config(cfg, out)
+        return _finish(marker, "train", round_index, cfg, result, t0)
+
+
+def finetune_stage(
+    cfg: ICMILConfig,
+    manifest_csv: PathLike,
+    tiles_dir: PathLike,
+    encoder_dir: PathLike | None,
+    head_dir: PathLike,
+    features_dir: PathLike | None,
+    out_encoder_dir: PathLike,
+    round_index: int,
+    tracker: StageTracker | None = None,
+) -> dict[str, Any]:
+    """Stage 2 of round ``round_index``: the teacher is (``encoder_dir``, ``head_dir``) of round k-1 and
+    ``features_dir`` the features that encoder made; writes the selected student to ``out_encoder_dir``."""
+    from icmil.coupling.finetune import finetune_encoder
+    from icmil.mil import load_mil_head
+
+    out = Path(out_encoder_dir)
+    marker = marker_path(out)
+    if (done := _skip(marker, "finetune", round_index)) is not None:
+        return done
+    t0 = time.perf_counter()
+    manifest = load_run_manifest(cfg, manifest_csv)
+    with _tracker(tracker).stage("finetune", round_index) as run:
+        encoder = _load_encoder_or_initial(cfg, encoder_dir)
+        head = load_mil_head(head_dir)
+        cc = cfg.coupling
+        run.log_params(
+            {f"coupling.{k}": v for k, v in cc.model_dump(mode="json").items() if k != "beta"}
+            | {"teacher_encoder_digest": encoder.digest(), "head": head.name}
+        )
+        res = finetune_encoder(
+            encoder, head, manifest, tiles_dir, out, cfg, features_dir=features_dir, run=run
+        )
+        summary = res.summary()
+        result = {
+            "encoder_digest": _digest(res.encoder),
+            "teacher_encoder_digest": encoder.digest(),
+            **summary,
+        }
+        run.log_metrics(
+            _numeric(
+                {
+                    "best_step": res.best_step,
+                    "selected_val_auc": res.selected["val_auc"],
+                    "teacher_val_auc": res.teacher_eval["val_auc"],
+                    "patches_per_s": res.patches_per_s,
+                    "train_seconds": res.train_seconds,
+                    "eval_seconds": res.eval_seconds,
+                }
+            )
+        )
+        for name in ("finetune.json", "history.csv"):
+            _log_artifact(run, out / name)
+        dump_config(cfg, out)
+        return _finish(marker, "finetune", round_index, cfg, result, t0)
+
+
+def instance_patch_auc(
+    head: Any,
+    manifest: Manifest,
+    features_dir: PathLike,
+    lesions: Mapping[str, Sequence[Sequence[float]]],
+    splits: Sequence[str],
+) -> float:
+    """Patch-level AUC of the instance teacher (``head.instance_logits`` on the round's features) against
+    the lesion boxes, pooled over the slides of ``splits`` that have a lesion entry."""
+    from icmil.mil.data import BagStore
+    from icmil.mil.evaluate import predict_slides
+    from icmil.mil.metrics import patch_level_auc
+
+    rows = manifest.slides[manifest.slides["split"].isin(list(splits))]
+    rows = rows[rows["slide_id"].astype(str).isin(list(lesions))]
+    store = BagStore(features_dir, cache_size=0)
+    missing = store.missing(rows["slide_id"])
+    rows = rows[~rows["slide_id"].isin(missing)]
+    if rows.empty:
+        return float("nan")
+    pred = predict_slides(head, store, rows, keep_instances=True)
+    scores = {sid: inst.positive_prob for sid, inst in pred.instances.items()}
+    coords = {sid: inst.coords for sid, inst in pred.instances.items()}
+    sizes = {sid: inst.patch_size_level0 for sid, inst in pred.instances.items()}
+    return float(patch_level_auc(scores, coords, sizes, {k: lesions[k] for k in scores}))
+
+
+def evaluate_stage(
+    cfg: ICMILConfig,
+    manifest_csv: PathLike,
+    features_dir: PathLike,
+    head_dir: PathLike,
+    out_dir: PathLike,
+    round_index: int,
+    tracker: StageTracker | None = None,
+    lesions_json: PathLike | None = None,
+    finetune_dir: PathLike | None = None,
+) -> dict[str, Any]:
+    """Score round ``round_index``: slide metrics on val and test, the instance teacher's patch-level AUC
+    against lesion boxes (when ``lesions_json`` exists), and the fine-tuning summary (``finetune_dir``).
+    Writes ``out_dir/metrics.json`` (the marker) and ``out_dir/predictions.csv``."""
+    from icmil.mil import evaluate_mil_head, load_mil_head
+
+    out = Path(out_dir)
+    marker = out / METRICS_FILE
+    if (done := _skip(marker, "evaluate", round_index)) is not None:
+        return done
+    t0 = time.perf_counter()
+    manifest = load_run_manifest(cfg, manifest_csv)
+    head = load_mil_head(head_dir)
+    with _tracker(tracker).stage("evaluate", round_index) as run:
+        result: dict[str, Any] = {"head": head.name}
+        frames = []
+        for split in ("val", "test"):
+            if manifest.split(split).empty:
+                continue
+            metrics, preds = evaluate_mil_head(head, manifest, features_dir, split)
+            for k, v in metrics.items():
+                if k != "skipped":
+                    result[f"{split}_{k}"] = v
+            if metrics.get("skipped"):
+                result[f"{split}_skipped"] = metrics["skipped"]
+            frames.append(preds)
+        lesions = read_lesions(lesions_json)
+        if lesions is not None:
+            result["patch_auc_test"] = instance_patch_auc(head, manifest, features_dir, lesions, ["test"])
+            result["patch_auc_all"] = instance_patch_auc(
+                head, manifest, features_dir, lesions, ["train", "val", "test"]
+            )
+        if finetune_dir is not None and (Path(finetune_dir) / "finetune.json").is_file():
+            ft = json.loads((Path(finetune_dir) / "finetune.json").read_text(encoding="utf-8"))
+            result["finetune_best_step"] = ft.get("best_step")
+            result["finetune_teacher_val_auc"] = (ft.get("teacher") or {}).get("val_auc")
+            result["finetune_selected_val_auc"] = (ft.get("selected") or {}).get("val_auc")
+            result["finetune_patches_per_s"] = ft.get("patches_per_s")
+        if frames:
+            import pandas as pd
+
+            from icmil.io import write_text_atomic
+
+            write_text_atomic(
+                out / "predictions.csv", pd.concat(frames, ignore_index=True).to_csv(index=False)
+            )
+        run.log_metrics(_numeric(result), step=round_index)
+        _log_artifact(run, out / "predictions.csv")
+        return _finish(marker, "evaluate", round_index, cfg, result, t0)
