@@ -37,7 +37,8 @@ class SynthConfig(_Section):
     mpp: float = Field(0.5, gt=0, description="level-0 µm/px written into the resolution tags")
     positive_fraction: float = Field(0.5, gt=0, lt=1)
     lesions_per_slide: tuple[int, int] = (1, 3)
-    lesion_radius_px: tuple[int, int] = (160, 420)
+    # A lesion must hold several whole 256-px patches at 0.5 µm/px (a radius-360 disc holds about four).
+    lesion_radius_px: tuple[int, int] = (360, 720)
     lesion_contrast: float = Field(0.35, ge=0, le=1, description="0 = lesion identical to normal tissue")
     val_fraction: float = Field(0.25, ge=0, lt=1)
     test_fraction: float = Field(0.25, ge=0, lt=1)
