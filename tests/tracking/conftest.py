@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from icmil.config import ICMILConfig, load_config
+from tests.tracking.helpers import CLASSES, TEMPLATE
 
 
 @pytest.fixture(autouse=True)
@@ -20,15 +20,36 @@ def _mlflow_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def make_cfg(run_dir: Path, *overrides: str) -> ICMILConfig:
-    """A config whose tracking retries are fast (tests must not sleep for real backoff)."""
-    return load_config(
-        None,
-        [
-            f"run_dir={run_dir}",
-            "tracking.retries=2",
-            "tracking.retry_backoff=0.05",
-            "tracking.retry_backoff_max=0.2",
-            *overrides,
-        ],
-    )
+@pytest.fixture(scope="session", autouse=True)
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Creating an MLflow sqlite store runs its migrations (~3 s on two cores): do it once, copy the file.
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("sqlite_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    TEMPLATE["db"] = db
+
+
+@pytest.fixture(scope="session")
+def tiny_model_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny synthetic slide, a saved tiny_cnn encoder and two small saved AB-MIL heads (different seeds)."""
+    import torch
+
+    from icmil.config import EncoderConfig, SynthConfig
+    from icmil.features import create_encoder, save_encoder
+    from icmil.mil import create_mil_head, save_mil_head
+    from icmil.slides import write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("model_parts")
+    slide = root / "slide_a.tiff"
+    write_synthetic_slide(slide, SynthConfig(), seed=1, positive=True, width=1024, height=768)
+    encoder = create_encoder(EncoderConfig(name="tiny_cnn"), quiet_random=True)
+    save_encoder(encoder, root / "encoder")
+    parts = {"slide": slide, "encoder": root / "encoder", "root": root}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        head = create_mil_head("abmil", in_dim=encoder.out_dim, n_classes=2, hidden_dim=8, attention_dim=4)
+        head.classes = list(CLASSES)
+        save_mil_head(head, root / f"head{seed}")
+        parts[f"head{seed}"] = root / f"head{seed}"
+    return parts

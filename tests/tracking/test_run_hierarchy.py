@@ -18,7 +18,7 @@ from icmil.tracking import (
 )
 from icmil.tracking.mlflow_tracker import TAG_PARENT
 from icmil.tracking.uris import flatten_params, redact_uri
-from tests.tracking.conftest import make_cfg
+from tests.tracking.helpers import make_cfg
 
 
 def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

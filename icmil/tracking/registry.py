@@ -1,0 +1,540 @@
+"""Model registry: each pipeline run registers a ``challenger``; the promotion gate decides on ``champion``.
+
+Aliases only (stages are deprecated). A version carries its lineage and evaluation as tags:
+``icmil.parent_run_id``, ``icmil.metric.<split>.<metric>``, ``icmil.data_digest.<split>`` (which slides and
+labels the metrics were computed on) and ``icmil.eval_table.<split>`` (where that table is stored).
+
+The gate (:func:`promote`) compares challenger and champion on the configured metric over the SAME
+evaluation data. When the data digests differ the stored metrics are not comparable, and by default
+(``on_data_mismatch="reevaluate"``) both models are scored again on the challenger's evaluation table; if
+that table is missing or unreadable — or with ``on_data_mismatch="refuse"`` — the promotion is refused with
+the reason. The challenger must beat the champion by MORE than ``margin`` (a tie keeps the champion) and
+always reach ``floor``; with no champion yet, reaching the floor is enough. Either outcome is written as
+tags on the challenger version; a rejection leaves every alias as it was and raises
+:class:`~icmil.errors.PromotionRejected`.
+
+Example:
+    >>> version = register_challenger("runs:/abc/slide_classifier", "icmil", metrics={"test": {"auc": 0.9}},
+    ...                               eval_tables={"test": test_slides_df})          # doctest: +SKIP
+    >>> promote("icmil", metric="auc", split="test", margin=0.01, floor=0.6)         # doctest: +SKIP
+    PromotionResult(promoted=True, ...)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import pandas as pd
+
+from icmil.errors import PromotionRejected, TrackingError
+from icmil.io import text_digest
+from icmil.log import get_logger
+from icmil.tracking.retry import RetryPolicy
+from icmil.tracking.uris import redact_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = get_logger("tracking.registry")
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TAG_PARENT_RUN = "icmil.parent_run_id"
+TAG_PROMOTION = "icmil.promotion"
+TAG_PROMOTION_REASON = "icmil.promotion.reason"
+TAG_PROMOTED_FROM = "icmil.promoted_from"
+# Metrics where smaller is better; every other metric (auc, accuracy, f1, ...) is "higher wins".
+LOWER_IS_BETTER = frozenset({"loss", "log_loss", "nll", "brier", "ece"})
+
+
+def metric_tag(split: str, metric: str) -> str:
+    return f"icmil.metric.{split}.{metric}"
+
+
+def digest_tag(split: str) -> str:
+    return f"icmil.data_digest.{split}"
+
+
+def table_tag(split: str) -> str:
+    return f"icmil.eval_table.{split}"
+
+
+def evaluation_digest(table: pd.DataFrame) -> str:
+    """Digest of an evaluation table: which slides with which labels (order and paths do not matter).
+
+    >>> evaluation_digest(pd.DataFrame({"slide_id": ["b", "a"], "label": ["t", "n"], "path": ["x", "y"]})) == \\
+    ...     evaluation_digest(pd.DataFrame({"slide_id": ["a", "b"], "label": ["n", "t"], "path": ["/p", "/q"]}))
+    True
+    """
+    missing = {"slide_id", "label"} - set(table.columns)
+    if missing:
+        raise TrackingError(
+            f"evaluation table lacks column(s) {sorted(missing)} (needs slide_id, path, label)"
+        )
+    rows = sorted(zip(table["slide_id"].astype(str), table["label"].astype(str), strict=True))
+    return text_digest(rows)
+
+
+@dataclass
+class PromotionResult:
+    """What the gate decided and why (also written as tags on the challenger version)."""
+
+    name: str
+    promoted: bool
+    reason: str
+    metric: str
+    split: str
+    challenger_version: str
+    challenger_value: float | None
+    champion_version: str | None
+    champion_value: float | None
+    margin: float
+    floor: float
+    registry_uri: str
+    target_version: str | None = None  # the version now holding `champion` (differs across registries)
+    reevaluated: bool = False
+
+    def __str__(self) -> str:
+        verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"
+        return f"{verdict} {self.name} v{self.challenger_version}: {self.reason}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _clients(tracking_uri: str | None, registry_uri: str | None) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+def _registry_of(client: MlflowClient) -> str:
+    return str(client._registry_uri)
+
+
+def _tracking_of(client: MlflowClient) -> str:
+    return str(client._tracking_client.tracking_uri)
+
+
+def _parse_runs_uri(uri: str) -> tuple[str, str]:
+    rest = uri[len("runs:/") :]
+    run_id, _, path = rest.partition("/")
+    return run_id, path.strip("/")
+
+
+def resolve_artifact_source(client: MlflowClient, model_uri: str) -> str:
+    """The storage location behind ``model_uri`` (``runs:/``, ``models:/m-<id>``, a local path or any URI)."""
+    if model_uri.startswith("runs:/"):
+        run_id, path = _parse_runs_uri(model_uri)
+        root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+        return f"{root}/{path}" if path else root
+    if model_uri.startswith("models:/m-"):
+        return str(client.get_logged_model(model_uri[len("models:/") :].strip("/")).artifact_location)
+    if "://" not in model_uri and ":/" not in model_uri:
+        return Path(model_uri).resolve().as_uri()
+    return model_uri
+
+
+def absolute_source(source: str, tracking_uri: str) -> str:
+    """Make a server-relative ``mlflow-artifacts:/path`` usable from another registry.
+
+    ``mlflow-artifacts:`` URIs only resolve against the tracking server that issued them, so they are
+    rewritten to that server's plain HTTP artifact endpoint, which any registry can store and load from.
+
+    >>> absolute_source("mlflow-artifacts:/1/abc/artifacts/m", "http://mlflow.dev:5000")
+    'http://mlflow.dev:5000/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/m'
+    """
+    if source.startswith("mlflow-artifacts:"):
+        parts = urlsplit(source)
+        server = urlsplit(tracking_uri)
+        if server.scheme in ("http", "https"):
+            netloc = parts.netloc or server.netloc
+            path = parts.path.lstrip("/")
+            return f"{server.scheme}://{netloc}{server.path.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{path}"
+    return source
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _store_eval_table(
+    client: MlflowClient, run_id: str | None, split: str, table: str | os.PathLike[str] | pd.DataFrame
+) -> tuple[str, pd.DataFrame]:
+    """Log the evaluation table as an artifact of ``run_id`` (or keep its absolute path); return (uri, table)."""
+    df = pd.read_csv(table) if not isinstance(table, pd.DataFrame) else table
+    missing = {"slide_id", "path", "label"} - set(df.columns)
+    if missing:
+        raise TrackingError(f"evaluation table for split {split!r} lacks column(s) {sorted(missing)}")
+    df = df[["slide_id", "path", "label"]].copy()
+    # Relative paths would mean nothing to the process that re-evaluates from another directory.
+    df["path"] = [p if "://" in str(p) else str(Path(str(p)).resolve()) for p in df["path"]]
+    if run_id is None:
+        if isinstance(table, pd.DataFrame):
+            raise TrackingError("an evaluation DataFrame needs a run to be stored in (model_uri runs:/...)")
+        return str(Path(table).resolve()), df
+    with tempfile.TemporaryDirectory(prefix="icmil-eval-") as tmp:
+        path = Path(tmp) / f"{split}.csv"
+        df.to_csv(path, index=False)
+        client.log_artifact(run_id, str(path), "evaluation")
+    return f"runs:/{run_id}/evaluation/{split}.csv", df
+
+
+def _read_eval_table(client: MlflowClient, uri: str) -> pd.DataFrame:
+    if uri.startswith("runs:/"):
+        run_id, path = _parse_runs_uri(uri)
+        with tempfile.TemporaryDirectory(prefix="icmil-eval-") as tmp:
+            return pd.read_csv(client.download_artifacts(run_id, path, tmp))
+    return pd.read_csv(uri)
+
+
+# --------------------------------------------------------------------------- register
+
+
+def register_challenger(
+    model_uri: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    *,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    data_digests: Mapping[str, str] | None = None,
+    eval_tables: Mapping[str, str | os.PathLike[str] | pd.DataFrame] | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> str:
+    """Register ``model_uri`` as a new version of ``name`` with alias ``challenger``; return the version.
+
+    ``metrics`` is ``{split: {metric: value}}``; ``eval_tables`` ``{split: table}`` (CSV path or DataFrame
+    with slide_id, path, label: the slides the metrics were computed on). Each table is stored with the run
+    and its digest tagged (``data_digests`` overrides the computed digest), so the gate can tell whether two
+    versions were scored on the same data and re-score them on it if not.
+
+    Example:
+        >>> register_challenger(info_uri, "icmil-slide-classifier", {"git": "abc"},
+        ...                     metrics={"test": {"auc": 0.91}}, eval_tables={"test": "RUN/test.csv"})  # doctest: +SKIP
+        '3'
+    """
+    client = _clients(tracking_uri, registry_uri)
+    policy = retry or RetryPolicy()
+    where = redact_uri(_registry_of(client))
+    run_id = _parse_runs_uri(model_uri)[0] if model_uri.startswith("runs:/") else (parent_run_id or None)
+    version_tags: dict[str, str] = {**({TAG_PARENT_RUN: parent_run_id} if parent_run_id else {})}
+    for split, values in (metrics or {}).items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                version_tags[metric_tag(split, key)] = repr(float(value))
+    for split, table in (eval_tables or {}).items():
+        uri, df = policy.call(
+            functools.partial(_store_eval_table, client, run_id, split, table),
+            f"store the {split} evaluation table at {where}",
+        )
+        version_tags[table_tag(split)] = uri
+        version_tags[digest_tag(split)] = evaluation_digest(df)
+    for split, digest in (data_digests or {}).items():
+        version_tags[digest_tag(split)] = digest
+    version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+
+    source = policy.call(
+        lambda: resolve_artifact_source(client, model_uri), f"resolve {model_uri} at {where}"
+    )
+    policy.call(
+        lambda: _ensure_registered_model(client, name), f"create registered model {name!r} at {where}"
+    )
+    mv = policy.call(
+        lambda: client.create_model_version(
+            name, source=source, run_id=run_id if model_uri.startswith("runs:/") else None, tags=version_tags
+        ),
+        f"create a version of {name!r} at {where}",
+    )
+    version = str(mv.version)
+    policy.call(lambda: client.set_registered_model_alias(name, CHALLENGER, version), f"set alias at {where}")
+    log.info("registered %s version %s as %s (source %s)", name, version, CHALLENGER, redact_uri(source))
+    return version
+
+
+# --------------------------------------------------------------------------- promote
+
+
+def _metric_value(mv: ModelVersion, split: str, metric: str) -> float | None:
+    raw = (mv.tags or {}).get(metric_tag(split, metric))
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _beats(challenger: float, champion: float, margin: float, metric: str) -> bool:
+    if metric in LOWER_IS_BETTER:
+        return challenger < champion - margin
+    return challenger > champion + margin
+
+
+def _meets_floor(value: float, floor: float, metric: str) -> bool:
+    # A floor only makes sense for "higher is better" metrics in [0, 1]; loss-like metrics skip it.
+    return metric in LOWER_IS_BETTER or value >= floor
+
+
+def _score_model(
+    model_uri: str,
+    table: pd.DataFrame,
+    metric: str,
+    tracking_uri: str,
+    registry_uri: str,
+    work_dir: Path,
+) -> float:
+    """Score a registered model on an evaluation table (slide_id, path, label) with the same metric code."""
+    import numpy as np
+
+    from icmil.mil.metrics import classification_metrics
+    from icmil.tracking.slide_classifier import model_classes, open_slide_classifier, prob_columns
+
+    with open_slide_classifier(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri) as model:
+        classes = model_classes(model)
+        unknown = sorted(set(table["label"].astype(str)) - set(classes))
+        if unknown:
+            raise TrackingError(f"evaluation labels {unknown} are not classes of {model_uri} ({classes})")
+        params = {"out_dir": str(work_dir), "heatmaps": False, "device": ""}
+        pred = pd.DataFrame(model.predict(table[["slide_id", "path"]].astype(str), params=params))
+    failed = pred[pred["error"].astype(str) != ""]
+    if len(failed):
+        detail = "; ".join(f"{r.slide_id}: {r.error}" for r in failed.itertuples())
+        raise TrackingError(f"re-evaluation of {model_uri} failed on {len(failed)} slide(s): {detail}")
+    y = np.array([classes.index(str(v)) for v in table["label"]])
+    probs = pred[prob_columns(classes)].to_numpy(dtype=float)
+    value = classification_metrics(y, probs).get(metric)
+    if value is None:
+        raise TrackingError(f"metric {metric!r} is not computed by classification_metrics")
+    return float(value)
+
+
+def promote(
+    name: str,
+    metric: str = "auc",
+    split: str = "test",
+    margin: float = 0.0,
+    floor: float = 0.5,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+    target_registry_uri: str | None = None,
+    *,
+    on_data_mismatch: str = "reevaluate",
+    retry: RetryPolicy | None = None,
+) -> PromotionResult:
+    """Move alias ``champion`` of ``name`` to the ``challenger`` version if it wins; else raise.
+
+    ``target_registry_uri`` promotes into another registry (dev -> prod): the version is created there from
+    the same artifact source, with the lineage tags, and gets ``champion`` there (compared with that
+    registry's champion). Raises :class:`~icmil.errors.PromotionRejected` (aliases untouched, the reason
+    tagged on the challenger) when the challenger loses, ties, misses the floor or cannot be compared.
+
+    Example:
+        >>> promote("icmil-slide-classifier", metric="auc", split="test", margin=0.01, floor=0.7)  # doctest: +SKIP
+    """
+    from mlflow.exceptions import MlflowException
+
+    if on_data_mismatch not in ("reevaluate", "refuse"):
+        raise TrackingError(f"on_data_mismatch must be 'reevaluate' or 'refuse', not {on_data_mismatch!r}")
+    policy = retry or RetryPolicy()
+    source = _clients(tracking_uri, registry_uri)
+    cross = bool(target_registry_uri) and target_registry_uri != _registry_of(source)
+    target = _clients(tracking_uri, target_registry_uri) if cross else source
+    src_where, dst_where = redact_uri(_registry_of(source)), redact_uri(_registry_of(target))
+
+    challenger = policy.call(lambda: _version_by_alias(source, name, CHALLENGER), f"read {name}@{CHALLENGER}")
+    if challenger is None:
+        raise TrackingError(
+            f"model {name!r} has no version with alias {CHALLENGER!r} in {src_where}: register one first "
+            "(the pipeline's register step, or icmil.tracking.register_challenger)"
+        )
+    champion = policy.call(lambda: _version_by_alias(target, name, CHAMPION), f"read {name}@{CHAMPION}")
+    chal_value = _metric_value(challenger, split, metric)
+    champ_value = _metric_value(champion, split, metric) if champion is not None else None
+    result = PromotionResult(
+        name=name,
+        promoted=False,
+        reason="",
+        metric=metric,
+        split=split,
+        challenger_version=str(challenger.version),
+        challenger_value=chal_value,
+        champion_version=str(champion.version) if champion is not None else None,
+        champion_value=champ_value,
+        margin=margin,
+        floor=floor,
+        registry_uri=dst_where,
+    )
+    label = f"{split} {metric}"
+
+    def reject(reason: str) -> PromotionResult:
+        result.reason = reason
+        _record(source, policy, name, challenger, result)
+        log.warning("not promoting %s v%s: %s", name, challenger.version, reason)
+        err = PromotionRejected(f"{name} v{challenger.version}: {reason}")
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+
+    if chal_value is None:
+        reject(f"the challenger has no {label} (tag {metric_tag(split, metric)}): register it with metrics")
+    assert chal_value is not None
+    same_version = champion is not None and not cross and str(champion.version) == str(challenger.version)
+    if same_version or (champion is not None and _same_origin(champion, challenger, src_where)):
+        result.promoted, result.reason = True, "the challenger already is the champion; nothing to do"
+        result.target_version = str(champion.version) if champion is not None else None
+        return result
+
+    if champion is None:
+        if not _meets_floor(chal_value, floor, metric):
+            reject(
+                f"no champion yet and the challenger's {label} {chal_value:.4f} is below the floor {floor:.4f}"
+            )
+        result.reason = f"no champion yet; challenger {label} {chal_value:.4f} meets the floor {floor:.4f}"
+    else:
+        chal_digest = (challenger.tags or {}).get(digest_tag(split))
+        champ_digest = (champion.tags or {}).get(digest_tag(split))
+        if chal_digest is None or champ_digest is None or chal_digest != champ_digest or champ_value is None:
+            why = (
+                "the evaluation data differ"
+                if chal_digest and champ_digest and chal_digest != champ_digest
+                else "the champion has no comparable record"
+            )
+            why += f" (challenger {chal_digest or 'no digest'}, champion {champ_digest or 'no digest'})"
+            if on_data_mismatch == "refuse":
+                reject(f"cannot compare {label}: {why}; on_data_mismatch=refuse")
+            table_uri = (challenger.tags or {}).get(table_tag(split))
+            if not table_uri:
+                reject(
+                    f"cannot compare {label}: {why}, and the challenger has no evaluation table to re-score on"
+                )
+            assert table_uri is not None
+            try:
+                with tempfile.TemporaryDirectory(prefix="icmil-reeval-") as tmp:
+                    table = _read_eval_table(source, table_uri)
+                    tu, su = _tracking_of(source), _registry_of(source)
+                    chal_value = _score_model(
+                        f"models:/{name}/{challenger.version}", table, metric, tu, su, Path(tmp)
+                    )
+                    champ_value = _score_model(
+                        f"models:/{name}/{champion.version}",
+                        table,
+                        metric,
+                        tu,
+                        _registry_of(target),
+                        Path(tmp),
+                    )
+            except (TrackingError, MlflowException, OSError) as err:
+                reject(
+                    f"cannot compare {label}: {why}, and re-scoring on the challenger's table failed: {err}"
+                )
+            assert chal_value is not None and champ_value is not None
+            result.challenger_value, result.champion_value, result.reevaluated = chal_value, champ_value, True
+            label += f" (both re-scored on the challenger's {len(table)} slides, {chal_digest})"
+        if not _meets_floor(chal_value, floor, metric):
+            reject(f"challenger {label} {chal_value:.4f} is below the floor {floor:.4f}")
+        if not _beats(chal_value, champ_value, margin, metric):
+            verb = "ties" if chal_value == champ_value else "does not beat"
+            reject(
+                f"challenger {label} {chal_value:.4f} {verb} champion v{champion.version} {champ_value:.4f} "
+                f"by more than the margin {margin:.4f}"
+            )
+        result.reason = (
+            f"challenger {label} {chal_value:.4f} beats champion v{champion.version} {champ_value:.4f} "
+            f"by more than the margin {margin:.4f}"
+        )
+
+    # Win: move the alias (creating the version in the target registry first when promoting across).
+    if cross:
+        art = absolute_source(str(challenger.source), _tracking_of(source))
+        tags = {
+            **(challenger.tags or {}),
+            TAG_PROMOTED_FROM: f"{src_where}#{name}/{challenger.version}",
+        }
+        policy.call(lambda: _ensure_registered_model(target, name), f"create {name!r} at {dst_where}")
+        created = policy.call(
+            lambda: target.create_model_version(name, source=art, tags=tags),
+            f"create a version of {name!r} at {dst_where}",
+        )
+        result.target_version = str(created.version)
+    else:
+        result.target_version = str(challenger.version)
+    target_version = result.target_version
+    policy.call(
+        lambda: target.set_registered_model_alias(name, CHAMPION, target_version),
+        f"set {CHAMPION} at {dst_where}",
+    )
+    result.promoted = True
+    _record(source, policy, name, challenger, result)
+    if cross:
+        _record(target, policy, name, None, result, version=target_version)
+    log.info("promoted %s v%s to %s in %s: %s", name, challenger.version, CHAMPION, dst_where, result.reason)
+    return result
+
+
+def _same_origin(champion: ModelVersion, challenger: ModelVersion, src_where: str) -> bool:
+    """True when the target's champion was created from this very challenger version (cross-registry rerun)."""
+    origin = (champion.tags or {}).get(TAG_PROMOTED_FROM)
+    return origin == f"{src_where}#{champion.name}/{challenger.version}"
+
+
+def _record(
+    client: MlflowClient,
+    policy: RetryPolicy,
+    name: str,
+    mv: ModelVersion | None,
+    result: PromotionResult,
+    version: str | None = None,
+) -> None:
+    """Write the gate's decision as tags on the version (best effort: a tagging outage must not flip it)."""
+    version = version or (str(mv.version) if mv is not None else None)
+    if version is None:
+        return
+    tags = {
+        TAG_PROMOTION: "promoted" if result.promoted else "rejected",
+        TAG_PROMOTION_REASON: result.reason[:4900],
+        f"{TAG_PROMOTION}.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        f"{TAG_PROMOTION}.target": result.registry_uri,
+        f"{TAG_PROMOTION}.champion_version": result.champion_version or "",
+    }
+    if result.reevaluated and result.challenger_value is not None:
+        tags[f"{TAG_PROMOTION}.reevaluated.challenger"] = repr(result.challenger_value)
+        tags[f"{TAG_PROMOTION}.reevaluated.champion"] = repr(result.champion_value)
+    for key, value in tags.items():
+        try:
+            policy.call(
+                functools.partial(client.set_model_version_tag, name, version, key, value),
+                f"tag {name} v{version}",
+            )
+        except TrackingError as err:
+            log.warning("could not record the promotion outcome on %s v%s: %s", name, version, err)
+            return
