@@ -211,6 +211,40 @@ def localize(
 
 
 # ------------------------------------------------------------------------------------------- OpenSlide
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _diagnose_tiff(path: Path, size: int) -> str:
+    """Why a TIFF will not open: truncation is the usual cause and tifffile can tell it from the offsets."""
+    import logging
+
+    import tifffile
+
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs each bad page offset; our message says it once
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = 0
+            for page in tif.pages:
+                if isinstance(page, tifffile.TiffPage) and len(page.dataoffsets):
+                    end = max(
+                        end, max(o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True))
+                    )
+                    tiled = page.is_tiled
+                else:
+                    tiled = False
+            if end > size:
+                return f"it is truncated (image data runs to byte {end}, the file has {size} bytes)"
+            if not tiled:
+                return "its images are stored in strips, not tiles"
+            return "its structure is not one OpenSlide accepts"
+    except Exception as err:  # tifffile raises many types on broken files
+        return f"it is truncated or corrupt ({type(err).__name__}: {err})"
+    finally:
+        quiet.setLevel(level)
+
+
 def _looks_like_text(head: bytes) -> bool:
     if not head or b"\x00" in head:
         return False
@@ -251,6 +285,13 @@ def open_slide(path: str | os.PathLike[str], slide_id: str) -> openslide.OpenSli
         if _looks_like_text(head):
             raise SlideError(
                 slide_id, f"{p} is a text file, not a slide", "check the path column of the manifest"
+            ) from None
+        if head[:4] in _TIFF_MAGIC:
+            raise SlideError(
+                slide_id,
+                f"{p} is a TIFF file OpenSlide cannot open: {_diagnose_tiff(p, size)}",
+                "re-copy or re-export the slide; a plain (striped, single-resolution) TIFF must be converted "
+                "to a tiled pyramidal TIFF",
             ) from None
         raise SlideError(
             slide_id,

@@ -91,16 +91,34 @@ def patch_grid(
     if len(xs) == 0 or len(ys) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     mh, mw = mask.shape
-    integral = cv2.integral(mask.astype(np.uint8))  # (mh + 1, mw + 1) int32
-    # Patch footprint in mask px, rounded to whole mask pixels and at least one pixel wide.
-    mx0 = np.clip(np.round(xs / dsx).astype(np.int64), 0, mw - 1)
-    mx1 = np.clip(np.maximum(np.round((xs + ps) / dsx).astype(np.int64), mx0 + 1), 1, mw)
-    my0 = np.clip(np.round(ys / dsy).astype(np.int64), 0, mh - 1)
-    my1 = np.clip(np.maximum(np.round((ys + ps) / dsy).astype(np.int64), my0 + 1), 1, mh)
-    y0, x0 = np.meshgrid(my0, mx0, indexing="ij")
-    y1, x1 = np.meshgrid(my1, mx1, indexing="ij")
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    fraction = inside / ((y1 - y0) * (x1 - x0))
-    keep = fraction >= min_tissue_fraction - 1e-9
+    integral = cv2.integral(mask.astype(np.uint8)).astype(np.float64)  # (mh + 1, mw + 1)
+    # Patch edges in mask px (fractional). The integral of a piecewise-constant image is bilinear inside each
+    # pixel, so interpolating it at fractional corners gives the exact area-weighted tissue count.
+    x0 = np.clip(xs / dsx, 0, mw)
+    x1 = np.clip((xs + ps) / dsx, 0, mw)
+    y0 = np.clip(ys / dsy, 0, mh)
+    y1 = np.clip((ys + ps) / dsy, 0, mh)
+    inside = (
+        _integral_at(integral, y1, x1)
+        - _integral_at(integral, y0, x1)
+        - _integral_at(integral, y1, x0)
+        + _integral_at(integral, y0, x0)
+    )
+    area = np.maximum(np.outer(y1 - y0, x1 - x0), 1e-12)
+    fraction = inside / area
+    keep = fraction >= min_tissue_fraction - 1e-6
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([gx[keep], gy[keep]], axis=1).astype(np.int64)
+
+
+def _integral_at(integral: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation of an integral image at every (y, x) in ``ys`` x ``xs`` -> (len(ys), len(xs))."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+    iy = np.minimum(np.floor(ys).astype(np.int64), max(h - 1, 0))
+    ix = np.minimum(np.floor(xs).astype(np.int64), max(w - 1, 0))
+    ty, tx = (ys - iy)[:, None], (xs - ix)[None, :]
+    a = integral[np.ix_(iy, ix)]
+    b = integral[np.ix_(iy, ix + 1)]
+    c = integral[np.ix_(iy + 1, ix)]
+    d = integral[np.ix_(iy + 1, ix + 1)]
+    return (1 - ty) * ((1 - tx) * a + tx * b) + ty * ((1 - tx) * c + tx * d)

@@ -42,7 +42,8 @@ from icmil.manifest import _stratified_split
 TILE = 256
 LEVEL_DOWNSAMPLE = 4
 ATLAS = 2048  # texture period in level-0 px (1 mm at 0.5 µm/px); divisible by every level downsample used
-MIN_LEVEL_SIDE = 256  # stop adding pyramid levels once a level would be smaller than this
+MIN_ATLAS = 512  # small test slides get a smaller (cheaper) atlas
+MIN_LEVEL_SIDE = 256  # stop adding pyramid levels once a level's long side would be shorter than this
 ZLIB_LEVEL = 1  # deflate level 1: ~3x faster than the default 6 for ~10 % larger files
 LABELS = ("normal", "tumor")
 # Ruifrok & Johnston optical-density vectors (R, G, B) of haematoxylin and eosin.
@@ -205,9 +206,17 @@ class TextureAtlas:
     background: np.ndarray  # uint8 (3,)
 
 
-def make_atlas(cfg: SynthConfig, rng: np.random.Generator, n_levels: int, positive: bool) -> TextureAtlas:
+def atlas_size(width: int, height: int) -> int:
+    """Texture period: ``ATLAS`` px, or for a small slide its long side rounded up to 512 px (cheaper to draw;
+    still divisible by every level downsample such a slide has)."""
+    side = max(width, height)
+    return int(min(ATLAS, max(MIN_ATLAS, -(-side // 512) * 512)))
+
+
+def make_atlas(
+    cfg: SynthConfig, rng: np.random.Generator, n_levels: int, positive: bool, size: int = ATLAS
+) -> TextureAtlas:
     """Stain a periodic texture once per slide (haematoxylin + eosin, Beer-Lambert) and downsample it per level."""
-    size = ATLAS
     jitter = cfg.stain_jitter
     h_vec = _H_OD * (1 + rng.uniform(-jitter, jitter, 3).astype(np.float32))
     e_vec = _E_OD * (1 + rng.uniform(-jitter, jitter, 3).astype(np.float32))
@@ -277,12 +286,20 @@ def make_atlas(cfg: SynthConfig, rng: np.random.Generator, n_levels: int, positi
 
 # ------------------------------------------------------------------------------------------- tile writer
 def level_shapes(width: int, height: int) -> list[tuple[int, int]]:
-    """(width, height) of every pyramid level: downsample 4 per level until a side would drop below 256 px."""
+    """(width, height) of every pyramid level: downsample 4 per level while the level's long side stays >= 256 px.
+
+    At 0.5 µm/px level 2 is 8 µm/px, the usual tissue-mask resolution.
+
+    >>> level_shapes(6144, 4096)
+    [(6144, 4096), (1536, 1024), (384, 256)]
+    """
     shapes = [(width, height)]
-    while min(shapes[-1]) // LEVEL_DOWNSAMPLE >= MIN_LEVEL_SIDE and LEVEL_DOWNSAMPLE ** len(shapes) < ATLAS:
+    while True:
         w, h = shapes[-1]
-        shapes.append((w // LEVEL_DOWNSAMPLE, h // LEVEL_DOWNSAMPLE))
-    return shapes
+        nw, nh = w // LEVEL_DOWNSAMPLE, h // LEVEL_DOWNSAMPLE
+        if max(nw, nh) < MIN_LEVEL_SIDE or min(nw, nh) < 1 or LEVEL_DOWNSAMPLE ** len(shapes) >= ATLAS:
+            return shapes
+        shapes.append((nw, nh))
 
 
 class _TileComposer:
@@ -388,7 +405,7 @@ def write_synthetic_slide(
     layout = make_layout(cfg, rng, width, height, positive and not blank)
     if blank:
         layout.tissue[:] = -1.0
-    atlas = make_atlas(cfg, rng, len(shapes), bool(layout.boxes))
+    atlas = make_atlas(cfg, rng, len(shapes), bool(layout.boxes), atlas_size(width, height))
     composer = _TileComposer(layout, atlas)
     with (
         atomic_path(path, suffix=".tiff") as tmp,
