@@ -172,15 +172,33 @@ class SearchSpace(_Section):
 
 
 class TuningConfig(_Section):
+    """Optuna, one study per round: which bag-head settings to search, how, and where the study lives.
+
+    Search-space keys are :class:`MILConfig` field names (``mil_space``) or stage-2 settings (``coupling_space``:
+    ``lr``, ``weight_decay``, ``beta`` = the confidence exponent of the current head, ``max_steps``). The
+    objective is always the validation AUC; the test split is never looked at.
+    """
+
     enabled: bool = False
-    n_trials: int = Field(8, ge=1)
+    n_trials: int = Field(8, ge=1, description="trials per round, over all workers together")
     workers: int = Field(1, ge=1, description="parallel workers sharing one study (needs PostgreSQL)")
     storage: str | None = Field(
-        None, description="None: sqlite in the run folder; postgresql://... for workers"
+        None, description="None: $storage_env, else sqlite in the run folder; postgresql://... for workers"
     )
+    # On a cluster the PostgreSQL URL holds a password: it arrives through this environment variable, set from
+    # the Kubernetes Secret `storage_secret`, so it never lands in the compiled pipeline or in MLflow params.
+    storage_env: str = "ICMIL_OPTUNA_STORAGE"
+    storage_secret: str = "icmil-optuna"
+    sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = Field(2, ge=0, description="median pruner: trials finished before pruning")
+    pruner_warmup_epochs: int = Field(2, ge=0, description="epochs a trial always gets before it can be pruned")
     epochs: int = Field(30, ge=1, description="bag-head epochs per trial")
-    heartbeat_interval: int = Field(30, ge=1)
+    heartbeat_interval: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
+    heartbeat_grace_period: int | None = Field(
+        None, ge=1, description="a trial silent this long is failed (None: 2 x heartbeat_interval)"
+    )
+    max_retry: int = Field(2, ge=0, description="times a trial failed by a dead worker is re-queued")
     mil_space: dict[str, SearchSpace] = Field(
         default_factory=lambda: {
             "lr": SearchSpace(low=1e-5, high=1e-3, log=True),
@@ -189,7 +207,13 @@ class TuningConfig(_Section):
             "attention_dim": SearchSpace(low=32, high=256, log=True, kind="int"),
         }
     )
-    coupling_space: dict[str, SearchSpace] = Field(default_factory=dict)
+    coupling_space: dict[str, SearchSpace] = Field(
+        default_factory=lambda: {
+            "lr": SearchSpace(low=1e-6, high=1e-4, log=True),
+            "beta": SearchSpace(low=1.0, high=8.0),
+            "max_steps": SearchSpace(low=100, high=1000, log=True, kind="int"),
+        }
+    )
 
 
 class PipelineConfig(_Section):

@@ -1,0 +1,257 @@
+"""One tuning worker: take trials from the shared study until its budget is spent, train, report, prune.
+
+Any number of workers (processes, pods) may run this on the same study. The budget is exact: a worker takes a
+new trial only under the study lock and only while RUNNING + WAITING + COMPLETE + PRUNED trials number fewer
+than ``n_trials``; failed trials do not count, and a trial failed because its worker died comes back as a
+WAITING copy (same parameters) that the next free worker takes first. A worker with nothing left to take waits
+while other trials are still running, so a retry created after a crash is never left behind.
+
+Each trial trains a bag head for ``tuning.epochs`` epochs with the sampled settings; ``train_mil_head`` calls
+back after every epoch with the validation AUC, which is reported to the trial and may prune it. The trial's
+value is its best validation AUC (the test split is never read). Each trial is an MLflow run nested under the
+round's ``tune`` run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from icmil.errors import ICMILError
+from icmil.log import get_logger
+from icmil.tracking.base import NullTracker, StageRun, StageTracker
+from icmil.tuning.space import apply_params, suggest, validate_space
+from icmil.tuning.storage import _quiet_experimental, resolve_storage, study_lock
+from icmil.tuning.study import ATTR_N_TRIALS, ATTR_TUNE_RUN, create_study
+
+if TYPE_CHECKING:
+    import optuna
+
+    from icmil.config import ICMILConfig
+    from icmil.manifest import Manifest
+
+log = get_logger("tuning")
+
+# Counted against the budget: everything but FAIL.
+_BUDGET_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every ``interval`` s in a daemon thread while the trial runs."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception as err:  # a database hiccup must not kill the trial; the next beat retries
+                log.warning("heartbeat of trial id %d failed: %s", self._trial_id, err)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _next_trial(study: optuna.Study, url: str, budget: int) -> optuna.Trial | None:
+    """Under the study lock: fail stale trials (re-queueing them), then take a trial if the budget allows."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with study_lock(study._storage, url, study.study_name):
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        used = sum(t.state.name in _BUDGET_STATES for t in trials)
+        if not waiting and used >= budget:
+            return None
+        with warnings.catch_warnings():
+            # ask() warns that heartbeats are meant for optimize(): this loop runs its own heartbeat.
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        # Beat once before releasing the lock: a RUNNING trial without any heartbeat is never seen as stale.
+        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+        return trial
+
+
+def _others_running(study: optuna.Study) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+def _trial_tracker(tracker: StageTracker | None, tune_run_id: str | None) -> tuple[StageTracker, bool]:
+    """(tracker for trial runs, nested?): trials nest under the round's tune run when MLflow tracks."""
+    if tracker is None:
+        return NullTracker(), False
+    from icmil.tracking.mlflow_tracker import MlflowTracker
+
+    if isinstance(tracker, MlflowTracker) and tune_run_id:
+        nested = MlflowTracker(
+            tracker.tracking_uri,
+            tracker.experiment,
+            tune_run_id,
+            retry=tracker.retry,
+            spool_dir=tracker.spool_dir,
+            tags=tracker.tags,
+        )
+        return nested, True
+    return tracker, False
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        with contextlib.suppress(TypeError, ValueError):
+            v = float(value)
+            if math.isfinite(v):
+                out[str(key)] = v
+    return out
+
+
+def _train_trial(
+    cfg: ICMILConfig,
+    manifest: Manifest,
+    features_dir: Path,
+    trial_dir: Path,
+    trial: optuna.Trial,
+    run: StageRun,
+) -> float:
+    """Train one bag head with the trial's settings; return its best validation AUC (prunes via TrialPruned)."""
+    import optuna
+
+    from icmil.mil import train_mil_head
+
+    params = suggest(trial, cfg.tuning.mil_space)
+    run.log_params({**params, "trial": trial.number, "epochs": cfg.tuning.epochs})
+    trial_cfg = apply_params(cfg, params)
+    patience = trial_cfg.mil.patience
+    mil = trial_cfg.mil.model_copy(
+        update={
+            "epochs": cfg.tuning.epochs,
+            "patience": None if patience is None else min(patience, cfg.tuning.epochs),
+            # Confidence intervals and heatmaps are for the round's final model, not for trials.
+            "bootstrap_samples": 0,
+            "max_heatmaps": 0,
+        }
+    )
+    best = -math.inf
+
+    def on_epoch(epoch: int, metrics: Mapping[str, Any]) -> None:
+        nonlocal best
+        values = _finite(metrics)
+        run.log_metrics(values, step=int(epoch))
+        if "val_auc" not in values:
+            return  # no score this epoch (e.g. a single-class validation split): nothing to prune on
+        best = max(best, values["val_auc"])
+        trial.report(values["val_auc"], int(epoch))
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: val_auc {values['val_auc']:.4f} below the median")
+
+    try:
+        train_mil_head(manifest, features_dir, trial_dir, mil, epoch_callback=on_epoch)
+    finally:
+        # Trials are never resumed (a retry is a new trial in a new folder): drop the resumable state.
+        shutil.rmtree(trial_dir / "checkpoint", ignore_errors=True)
+    if best == -math.inf:
+        raise ICMILError(
+            f"trial {trial.number}: training reported no finite val_auc: the validation split needs slides of "
+            "every class (check the manifest's split column or val_fraction)"
+        )
+    return best
+
+
+def run_tuning_worker(
+    cfg: ICMILConfig,
+    manifest_csv: str | os.PathLike[str],
+    features_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    round_index: int,
+    study_name: str,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    tracker: StageTracker | None = None,
+    worker_id: int = 0,
+) -> int:
+    """Run trials of ``study_name`` until the study's budget is spent; return how many this worker ran.
+
+    ``n_trials``: total for the study (default: what :func:`~icmil.tuning.prepare_tuning` stored, else
+    ``tuning.n_trials``). ``worker_id`` seeds this worker's sampler differently from the others'.
+    Trial outputs go to ``out_dir/trials/trial_<number>/``.
+
+    Example:
+        >>> n = run_tuning_worker(cfg, "RUN/manifest.csv", "RUN/round_0/features", "RUN/round_0/tune",
+        ...                       0, "icmil-demo-round0", worker_id=1)  # doctest: +SKIP
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from icmil.tuning.driver import read_round_manifest
+
+    validate_space(cfg.tuning.mil_space, "mil")
+    url = resolve_storage(cfg, storage)
+    study = create_study(cfg, study_name, url, seed=cfg.seed + 7919 * worker_id + round_index)
+    budget = int(n_trials or study.user_attrs.get(ATTR_N_TRIALS) or cfg.tuning.n_trials)
+    manifest = read_round_manifest(cfg, manifest_csv)
+    features = Path(features_dir)
+    trials_dir = Path(out_dir) / "trials"
+    trial_tracker, nested = _trial_tracker(tracker, study.user_attrs.get(ATTR_TUNE_RUN))
+    poll = min(5.0, float(cfg.tuning.heartbeat_interval))
+    ran = 0
+    while True:
+        trial = _next_trial(study, url, budget)
+        if trial is None:
+            if _others_running(study):
+                time.sleep(poll)  # a trial elsewhere may still fail and come back as a retry
+                continue
+            break
+        ran += 1
+        number = trial.number
+        frozen = study._storage.get_trial(trial._trial_id)
+        with _quiet_experimental():
+            retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        trial.set_user_attr("worker", worker_id)
+        tags = {"icmil.study": study_name, "icmil.trial": str(number), "icmil.worker": str(worker_id)}
+        if retry_of is not None:
+            tags["icmil.retry_of"] = str(retry_of)
+            log.info("worker %d: trial %d retries trial %d (its worker died)", worker_id, number, retry_of)
+        name = f"trial{number}" if nested else f"tune-trial{number}"
+        with (
+            trial_tracker.stage(name, None if nested else round_index, tags=tags) as run,
+            _Heartbeat(study._storage, trial._trial_id, cfg.tuning.heartbeat_interval),
+        ):
+            try:
+                value = _train_trial(cfg, manifest, features, trials_dir / f"trial_{number:04d}", trial, run)
+            except optuna.TrialPruned as pruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                run.set_tags({"icmil.trial_state": "PRUNED"})
+                log.info("worker %d: trial %d pruned (%s)", worker_id, number, pruned)
+                continue
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                with contextlib.suppress(Exception):
+                    run.set_tags({"icmil.trial_state": "FAIL"})
+                raise
+            study.tell(trial, value)
+            run.log_metrics({"trial_val_auc": value})
+            run.set_tags({"icmil.trial_state": "COMPLETE"})
+            log.info("worker %d: trial %d val_auc %.4f %s", worker_id, number, value, trial.params)
+    return ran
