@@ -61,7 +61,8 @@ def s3_client() -> Any:
         s3={"addressing_style": "path"} if endpoint else None,
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # A fresh session reads the environment now; the default session caches the first credentials it saw.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -105,12 +106,16 @@ def _etag_matches(path: Path, etag: str) -> bool | None:
     return None
 
 
+def _code(err: Any) -> str:
+    return str(err.response.get("Error", {}).get("Code", "?"))
+
+
 def _s3_error(slide_id: str, uri: str, err: Exception) -> SlideError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
     if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", "?"))
+        code = _code(err)
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchKey", "NotFound"):
             return SlideError(
@@ -152,6 +157,19 @@ def _localize_s3(uri: str, cache_dir: Path, slide_id: str) -> Path:
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except (BotoCoreError, ClientError) as err:
+        if isinstance(err, ClientError) and _code(err) in ("404", "NotFound", "NoSuchKey"):
+            # HEAD answers carry no error body: ask about the bucket to tell "no bucket" from "no object".
+            try:
+                client.head_bucket(Bucket=bucket)
+            except (BotoCoreError, ClientError) as bucket_err:
+                if isinstance(bucket_err, ClientError) and _code(bucket_err) in (
+                    "404",
+                    "NoSuchBucket",
+                    "NotFound",
+                ):
+                    raise SlideError(
+                        slide_id, f"S3 bucket does not exist: {uri}", "check the bucket name"
+                    ) from None
         raise _s3_error(slide_id, uri, err) from None
     size, etag = int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
 
@@ -166,12 +184,14 @@ def _localize_s3(uri: str, cache_dir: Path, slide_id: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(target, suffix=".part") as tmp:
-            # IfMatch pins the download to the version we just looked at, even if it is replaced meanwhile.
+            # On a versioned bucket, pin the version we just looked at; otherwise the ETag check below
+            # catches an object replaced during the download.
+            version = head.get("VersionId")
             client.download_file(
                 bucket,
                 key,
                 str(tmp),
-                ExtraArgs={"IfMatch": f'"{etag}"'} if etag else None,
+                ExtraArgs={"VersionId": version} if version and version != "null" else None,
                 Config=TransferConfig(multipart_threshold=64 << 20, max_concurrency=4),
             )
             got = tmp.stat().st_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_levels_reach_a_thumbnail_resolution() -> None:
     assert shapes[0] == (20000, 20000)
     # 0.5 µm/px at level 0: level 2 is 8 µm/px, the mask resolution.
     assert shapes[2] == (20000 // 16, 20000 // 16)
-    assert all(b[0] == a[0] // LEVEL_DOWNSAMPLE for a, b in zip(shapes, shapes[1:], strict=False))
+    assert all(b[0] == a[0] // LEVEL_DOWNSAMPLE for a, b in itertools.pairwise(shapes))
 
 
 def test_lesion_is_darker_and_denser_than_normal_tissue(tmp_path: Path) -> None:
