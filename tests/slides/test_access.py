@@ -131,7 +131,7 @@ def test_s3_errors_name_the_uri_and_the_cause(
     with pytest.raises(SlideError, match=r"S3 bucket does not exist: s3://no-such-bucket-xyz/a\.svs"):
         localize("s3://no-such-bucket-xyz/a.svs", tmp_path, "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    with pytest.raises(SlideError, match="access denied .*AWS_SECRET_ACCESS_KEY"):
+    with pytest.raises(SlideError, match=r"access denied .*AWS_SECRET_ACCESS_KEY"):
         localize(f"s3://{s3_server.bucket}/a.svs", tmp_path, "a")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ def test_generic_tiff_with_placeholder_resolution_needs_the_manifest_mpp(
 ) -> None:
     boxes = openslide_fixtures / "boxes.tiff"
     # Its resolution tags hold the 72-dpi placeholder: refused with a pointer to the manifest column.
-    with pytest.raises(SlideError, match="placeholder.*add an `mpp` column"):
+    with pytest.raises(SlideError, match=r"placeholder.*add an `mpp` column"):
         tile_slide("boxes", boxes, tmp_path / "b.h5", small_tiling(**TINY))
     info = tile_slide(
         "boxes", boxes, tmp_path / "b.h5", small_tiling(target_mpp=0.5, **TINY), mpp_override=0.5
