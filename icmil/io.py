@@ -39,6 +39,8 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
         prefix=f".{target.name}.", suffix=suffix if suffix is not None else ".tmp", dir=target.parent
     )
     os.close(fd)
+    # mkstemp creates 0600 files; outputs are shared (other users, pods on a shared volume): honour the umask.
+    os.chmod(tmp_name, 0o666 & ~_umask())
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -47,6 +49,17 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would set it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
