@@ -46,7 +46,7 @@ class SynthConfig(_Section):
     nucleus_radius_px: float = Field(4.5, gt=0, description="mean normal nucleus radius at level 0")
     nucleus_density: float = Field(14.0, gt=0, description="normal nuclei per 100x100 level-0 px")
     lesion_nucleus_scale: float = Field(1.6, ge=1)
-    lesion_density_scale: float = Field(1.8, ge=1)
+    lesion_density_scale: float = Field(1.8, gt=0)
     lesion_darkening: float = Field(0.4, ge=0)
     tissue_blobs: tuple[int, int] = Field((2, 5), description="number of tissue pieces per slide (min, max)")
     tissue_coverage: float = Field(0.4, gt=0, le=0.9, description="approx. fraction of the slide covered")
@@ -85,6 +85,7 @@ class EncoderConfig(_Section):
     weights: str | None = Field(None, description="local .safetensors/.pth file; never downloaded")
     pretrained: bool = Field(False, description="timm hub weights (needs internet)")
     normalization: Literal["imagenet", "none"] = "imagenet"
+    seed: int = Field(0, description="seed of the random init (no weights): same seed -> same encoder digest")
 
 
 class EmbedConfig(_Section):
@@ -92,7 +93,16 @@ class EmbedConfig(_Section):
     num_workers: int = Field(2, ge=0)
     amp: bool = Field(True, description="autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
-    device: str = "auto"
+    device: str = Field("auto", description="auto = cuda if available, else cpu; or cpu, cuda, cuda:1, mps")
+    amp_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="autocast dtype on CUDA")
+    prefetch_factor: int = Field(4, ge=1, description="batches each worker reads ahead of the model")
+    merge_reads: int = Field(8, ge=1, description="adjacent patches merged into one read_region (1 = off)")
+    on_corrupt_patch: Literal["error", "skip"] = Field(
+        "error", description="error: the slide fails, naming the patch; skip: drop the patch and record it"
+    )
+    max_corrupt_fraction: float = Field(
+        0.01, ge=0, le=1, description="with on_corrupt_patch=skip, the slide still fails above this fraction"
+    )
     max_failed_fraction: float = Field(0.1, ge=0, le=1)
 
 
@@ -113,7 +123,15 @@ class MILConfig(_Section):
     dtfd_distill: Literal["afs", "maxs", "maxmins"] = "afs"
     dtfd_tier_blend: bool = Field(False, description="TMI teacher: 0.7*tier2 + 0.3*tier1 logits")
     transmil_teacher: Literal["single_instance", "token_head"] = "single_instance"
+    transmil_heads: int = Field(8, ge=1, description="attention heads; head width = hidden_dim / heads (64)")
+    transmil_landmarks: int = Field(256, ge=1, description="Nyström landmarks")
+    transmil_weight_decay: float = Field(1e-5, ge=0, description="TransMIL's Lookahead(RAdam) weight decay")
     bootstrap_samples: int = Field(1000, ge=0)
+    cache_bags: int = Field(4, ge=0, description="bags kept in memory (LRU); the rest stream from the HDF5 store")
+    max_heatmaps: int = Field(8, ge=0, description="attention heatmaps drawn (test slides, positives first)")
+    max_missing_fraction: float = Field(
+        0.1, ge=0, le=1, description="fail when more slides than this lack a features file (others are skipped)"
+    )
 
 
 class CouplingConfig(_Section):
@@ -138,6 +156,15 @@ class CouplingConfig(_Section):
     )
     per_slide_confidence: bool = Field(False, description="normalise attention per slide (improvement)")
     stain_augment: bool = Field(False, description="HED/colour jitter on the student view (improvement)")
+    stain_sigma: float = Field(0.05, ge=0, le=1, description="HED optical-density jitter strength")
+    color_jitter: float = Field(0.1, ge=0, le=1, description="brightness/contrast/saturation jitter (stain_augment)")
+    balanced_positive_fraction: float = Field(0.5, gt=0, lt=1, description="share of teacher-positive patches")
+    negative_class_index: int = Field(0, ge=0, description="label index of the negative class (hard negatives)")
+    patience: int | None = Field(None, ge=1, description="stop after this many evals without val improvement")
+    eval_max_patches: int | None = Field(
+        None, ge=1, description="cap on patches per val slide when re-embedding for selection (None: all)"
+    )
+    device: str = Field("auto", description="auto: cuda if available, else cpu")
     amp: bool = True
     channels_last: bool = True
     num_workers: int = Field(2, ge=0)
@@ -235,6 +262,11 @@ class PipelineConfig(_Section):
     cpu_request: str = "2"
     memory_request: str = "8G"
     gpu_memory_request: str = "32G"
+    gpu_stages: list[Literal["embed", "finetune", "tune", "train", "evaluate"]] = Field(
+        default_factory=lambda: ["embed", "finetune", "tune"],
+        description="stages that get the GPU placement (accelerator, node selector, tolerations)",
+    )
+    enable_caching: bool = Field(True, description="KFP cache for the content-addressed steps (tile, embed)")
 
 
 class ICMILConfig(_Section):
