@@ -53,3 +53,17 @@ def tiny_model_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
         save_mil_head(head, root / f"head{seed}")
         parts[f"head{seed}"] = root / f"head{seed}"
     return parts
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests on the real servers run last, so the servers' ~30 s start overlaps the other tests
+    # (see _launch_servers_early).
+    items.sort(key=lambda item: "mlflow_server" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _launch_servers_early(request: pytest.FixtureRequest) -> None:
+    """Start PostgreSQL, S3 and the MLflow server in the background as soon as the first tracking test runs
+    if any selected test needs them; the tests that do use them wait for /health."""
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("mlflow_server_launch")
