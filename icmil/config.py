@@ -40,14 +40,16 @@ class SynthConfig(_Section):
     # A lesion must hold several whole 256-px patches at 0.5 µm/px (a radius-360 disc holds about four).
     lesion_radius_px: tuple[int, int] = (360, 720)
     lesion_contrast: float = Field(0.35, ge=0, le=1, description="0 = lesion identical to normal tissue")
-    # Appearance knobs (the coupling study varies these). Lesion nuclei = normal nuclei scaled towards these
-    # factors by lesion_contrast: at contrast 1 they are lesion_nucleus_scale x larger, lesion_density_scale x
-    # denser and carry (1 + lesion_darkening) x more haematoxylin.
+    # Appearance knobs (the coupling study varies these). Lesion nuclei look like tumour nuclei: larger, darker
+    # (hyperchromatic), more varied in size (pleomorphic) and a little sparser, so the nuclear area (and so the
+    # mean colour) barely changes: texture, not colour, tells them apart. At contrast c each factor applies as
+    # factor**c (pleomorphism: c * value added to the log-normal size spread).
     nucleus_radius_px: float = Field(4.5, gt=0, description="mean normal nucleus radius at level 0")
     nucleus_density: float = Field(14.0, gt=0, description="normal nuclei per 100x100 level-0 px")
-    lesion_nucleus_scale: float = Field(1.6, ge=1)
-    lesion_density_scale: float = Field(1.8, gt=0)
-    lesion_darkening: float = Field(0.4, ge=0)
+    lesion_nucleus_scale: float = Field(1.6, gt=0)
+    lesion_density_scale: float = Field(0.6, gt=0)
+    lesion_darkening: float = Field(0.3, ge=0, description="extra haematoxylin: (1 + value)**contrast")
+    lesion_pleomorphism: float = Field(0.25, ge=0)
     tissue_blobs: tuple[int, int] = Field((2, 5), description="number of tissue pieces per slide (min, max)")
     tissue_coverage: float = Field(0.4, gt=0, le=0.9, description="approx. fraction of the slide covered")
     stain_jitter: float = Field(0.08, ge=0, le=0.5, description="per-slide stain colour variation")

@@ -180,7 +180,13 @@ def _periodic_noise(rng: np.random.Generator, size: int, period_cells: int) -> n
 
 
 def _nuclei(
-    rng: np.random.Generator, size: int, radius: float, density: float, stain: float, density_map: np.ndarray
+    rng: np.random.Generator,
+    size: int,
+    radius: float,
+    density: float,
+    stain: float,
+    density_map: np.ndarray,
+    spread: float = 0.18,
 ) -> np.ndarray:
     """Haematoxylin optical density of randomly placed elliptical nuclei, drawn with wrap-around."""
     canvas = np.zeros((size, size), dtype=np.float32)
@@ -191,7 +197,7 @@ def _nuclei(
         0.8 + 0.3 * density_map[xy[:, 1].astype(int), xy[:, 0].astype(int)], 0, 1
     )
     xy = xy[keep]
-    radii = radius * rng.lognormal(0.0, 0.18, len(xy))
+    radii = radius * rng.lognormal(0.0, spread, len(xy))
     ecc = rng.uniform(0.6, 1.0, len(xy))
     angles = rng.uniform(0, 180, len(xy))
     values = stain * rng.uniform(0.75, 1.15, len(xy))
@@ -269,10 +275,12 @@ def make_atlas(
             _nuclei(
                 np.random.default_rng(nuclei_seed + 1),
                 size,
-                cfg.nucleus_radius_px * (1 + c * (cfg.lesion_nucleus_scale - 1)),
-                cfg.nucleus_density * (1 + c * (cfg.lesion_density_scale - 1)),
-                1.1 * strength * (1 + c * cfg.lesion_darkening),
+                # Geometric interpolation: at contrast c each factor is scale**c (1 at c = 0).
+                cfg.nucleus_radius_px * cfg.lesion_nucleus_scale**c,
+                cfg.nucleus_density * cfg.lesion_density_scale**c,
+                1.1 * strength * (1 + cfg.lesion_darkening) ** c,
                 density_map,
+                spread=0.18 + c * cfg.lesion_pleomorphism,
             )
         )
     grey = float(rng.uniform(232, 246))
