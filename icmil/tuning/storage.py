@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from icmil.errors import ConfigError
 from icmil.log import get_logger
@@ -133,7 +133,8 @@ def study_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) 
 
         key = _lock_key(study_name)
         # A study wraps its RDBStorage in a cache layer; the engine lives on the wrapped one.
-        engine = getattr(storage, "_backend", storage).engine
+        backend: Any = getattr(storage, "_backend", storage)
+        engine = backend.engine
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:

@@ -179,6 +179,64 @@ def _train_trial(
     return best
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, worker_id: int, **kwargs: Any) -> None:
+    """Record the trial's end, unless another worker already failed it (it missed heartbeats, e.g. while the
+    machine was overloaded): then its re-queued copy stands in for it and this result is dropped."""
+    frozen = study.tell(trial, skip_if_finished=True, **kwargs)
+    wanted = kwargs.get("state")
+    if frozen.state.name == "FAIL" and (wanted is None or wanted.name != "FAIL"):
+        log.warning(
+            "worker %d: trial %d was failed by another worker (stale heartbeat); its retry replaces it",
+            worker_id,
+            trial.number,
+        )
+
+
+def _run_trial(
+    cfg: ICMILConfig,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    manifest: Manifest,
+    features: Path,
+    trials_dir: Path,
+    trial_tracker: StageTracker,
+    nested: bool,
+    round_index: int,
+    worker_id: int,
+) -> None:
+    """Train one trial inside its MLflow run and tell the study how it ended (COMPLETE, PRUNED or FAIL)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    number = trial.number
+    frozen = study._storage.get_trial(trial._trial_id)
+    with _quiet_experimental():
+        retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    trial.set_user_attr("worker", worker_id)
+    tags = {"icmil.study": study.study_name, "icmil.trial": str(number), "icmil.worker": str(worker_id)}
+    if retry_of is not None:
+        tags["icmil.retry_of"] = str(retry_of)
+        log.info("worker %d: trial %d retries trial %d (its worker died)", worker_id, number, retry_of)
+    name = f"trial{number}" if nested else f"tune-trial{number}"
+    with trial_tracker.stage(name, None if nested else round_index, tags=tags) as run:
+        try:
+            value = _train_trial(cfg, manifest, features, trials_dir / f"trial_{number:04d}", trial, run)
+        except optuna.TrialPruned as pruned:
+            _tell(study, trial, worker_id, state=TrialState.PRUNED)
+            run.set_tags({"icmil.trial_state": "PRUNED"})
+            log.info("worker %d: trial %d pruned (%s)", worker_id, number, pruned)
+            return
+        except BaseException:
+            _tell(study, trial, worker_id, state=TrialState.FAIL)
+            with contextlib.suppress(Exception):
+                run.set_tags({"icmil.trial_state": "FAIL"})
+            raise
+        _tell(study, trial, worker_id, values=value)
+        run.log_metrics({"trial_val_auc": value})
+        run.set_tags({"icmil.trial_state": "COMPLETE"})
+        log.info("worker %d: trial %d val_auc %.4f %s", worker_id, number, value, trial.params)
+
+
 def run_tuning_worker(
     cfg: ICMILConfig,
     manifest_csv: str | os.PathLike[str],
@@ -201,9 +259,6 @@ def run_tuning_worker(
         >>> n = run_tuning_worker(cfg, "RUN/manifest.csv", "RUN/round_0/features", "RUN/round_0/tune",
         ...                       0, "icmil-demo-round0", worker_id=1)  # doctest: +SKIP
     """
-    import optuna
-    from optuna.trial import TrialState
-
     from icmil.tuning.driver import read_round_manifest
 
     validate_space(cfg.tuning.mil_space, "mil")
@@ -224,34 +279,18 @@ def run_tuning_worker(
                 continue
             break
         ran += 1
-        number = trial.number
-        frozen = study._storage.get_trial(trial._trial_id)
-        with _quiet_experimental():
-            retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-        trial.set_user_attr("worker", worker_id)
-        tags = {"icmil.study": study_name, "icmil.trial": str(number), "icmil.worker": str(worker_id)}
-        if retry_of is not None:
-            tags["icmil.retry_of"] = str(retry_of)
-            log.info("worker %d: trial %d retries trial %d (its worker died)", worker_id, number, retry_of)
-        name = f"trial{number}" if nested else f"tune-trial{number}"
-        with (
-            trial_tracker.stage(name, None if nested else round_index, tags=tags) as run,
-            _Heartbeat(study._storage, trial._trial_id, cfg.tuning.heartbeat_interval),
-        ):
-            try:
-                value = _train_trial(cfg, manifest, features, trials_dir / f"trial_{number:04d}", trial, run)
-            except optuna.TrialPruned as pruned:
-                study.tell(trial, state=TrialState.PRUNED)
-                run.set_tags({"icmil.trial_state": "PRUNED"})
-                log.info("worker %d: trial %d pruned (%s)", worker_id, number, pruned)
-                continue
-            except BaseException:
-                study.tell(trial, state=TrialState.FAIL)
-                with contextlib.suppress(Exception):
-                    run.set_tags({"icmil.trial_state": "FAIL"})
-                raise
-            study.tell(trial, value)
-            run.log_metrics({"trial_val_auc": value})
-            run.set_tags({"icmil.trial_state": "COMPLETE"})
-            log.info("worker %d: trial %d val_auc %.4f %s", worker_id, number, value, trial.params)
+        # Heartbeats start before anything slow (MLflow, imports): a silent trial is failed by other workers.
+        with _Heartbeat(study._storage, trial._trial_id, cfg.tuning.heartbeat_interval):
+            _run_trial(
+                cfg,
+                study,
+                trial,
+                manifest,
+                features,
+                trials_dir,
+                trial_tracker,
+                nested,
+                round_index,
+                worker_id,
+            )
     return ran

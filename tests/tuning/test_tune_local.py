@@ -19,8 +19,8 @@ def test_tune_round_sqlite_end_to_end(tmp_path, cohort):
 
     study = create_study(cfg, study_name_for(cfg, 0))
     trials = study.get_trials()
-    assert len(trials) == 4 and result.n_complete + result.n_pruned == 4 and result.n_failed == 0
-    assert sorted(t.number for t in trials) == list(range(4))
+    assert len(trials) == 3 and result.n_complete + result.n_pruned == 3 and result.n_failed == 0
+    assert sorted(t.number for t in trials) == list(range(3))
     assert result.n_pruned >= 1, [(t.number, t.params, t.intermediate_values) for t in trials]
     for t in trials:
         if t.state == TrialState.PRUNED:
@@ -38,12 +38,12 @@ def test_tune_round_sqlite_end_to_end(tmp_path, cohort):
     assert {p.name for p in result.plots} >= {"optimization_history.png", "intermediate_values.png"}
     for plot in result.plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "trials.csv").read_text().count("\n") == 5  # header + one row per trial
+    assert (out / "trials.csv").read_text().count("\n") == 4  # header + one row per trial
     assert not list(out.glob("trials/*/checkpoint"))  # resumable state of trials is dropped
 
     # A rerun resumes the study: the budget is already spent, so no trial runs again.
     again = tune_round(cfg, cohort, cohort.parent / "features", out, round_index=0)
-    assert len(create_study(cfg, study_name_for(cfg, 0)).get_trials()) == 4
+    assert len(create_study(cfg, study_name_for(cfg, 0)).get_trials()) == 3
     assert again.best_params == result.best_params
 
     # The best parameters reach the round's training step.
