@@ -1,0 +1,321 @@
+"""Plumbing shared by component bodies at run time (inside the task's process, never at compile time).
+
+Component bodies are copied into a temporary module by KFP, so everything they share lives here, in the
+installed ``components`` package: turning the config string back into a config, picking the tracker, and giving
+a stage one folder that holds the outputs of every shard.
+
+Example:
+    >>> from icmil.config import config_to_yaml, load_config
+    >>> stage_config(config_to_yaml(load_config(None, ["mil.head=dtfd"]))).mil.head
+    'dtfd'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from icmil.config import ICMILConfig, config_from_yaml
+from icmil.tracking.base import NullTracker, StageTracker
+
+# The cohort artifact's layout (icmil.cohort.prepare_cohort).
+COHORT_MANIFEST = "manifest.csv"
+COHORT_LESIONS = "synth/lesions.json"
+
+
+def stage_config(config_yaml: str) -> ICMILConfig:
+    """The resolved config a component received as its ``config_yaml`` parameter."""
+    return config_from_yaml(config_yaml)
+
+
+def stage_tracker(cfg: ICMILConfig, parent_run_id: str) -> StageTracker:
+    """MLflow child runs under the pipeline's parent run; no tracking when there is no parent run id."""
+    if not parent_run_id:
+        return NullTracker()
+    from icmil.tracking import tracker_for
+
+    return tracker_for(cfg, parent_run_id)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def merged_view(paths: Sequence[str]) -> Iterator[Path]:
+    """A temporary folder of symlinks to the files of several shard artifacts (no copy), removed afterwards."""
+    from icmil.cohort import merge_shard_dirs
+
+    with tempfile.TemporaryDirectory(prefix="icmil-view-") as tmp:
+        yield merge_shard_dirs(list(paths), tmp, link=True)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary folder for files a stage needs but that are not outputs (a shard's manifest)."""
+    with tempfile.TemporaryDirectory(prefix="icmil-scratch-") as tmp:
+        yield Path(tmp)
+
+
+def append_round(history_json: str, round_index: int, metrics: Mapping[str, Any]) -> str:
+    """The per-round metrics table threaded through the rounds as a small JSON parameter, plus one row.
+
+    >>> append_round(append_round("", 0, {"val_auc": 0.7}), 1, {"val_auc": 0.8})
+    '[{"round": 0, "val_auc": 0.7}, {"round": 1, "val_auc": 0.8}]'
+    """
+    rows = json.loads(history_json) if history_json else []
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    rows = [r for r in rows if r.get("round") != round_index]
+    rows.append({"round": round_index, **numeric})
+    return json.dumps(sorted(rows, key=lambda r: r["round"]))
+
+
+def close_parent_run(cfg: ICMILConfig, kfp_run_id: str, state: str, error: str = "") -> str:
+    """End the parent run opened for ``kfp_run_id``: FINISHED if KFP reports SUCCEEDED, else FAILED."""
+    from icmil.tracking import end_parent_run, start_parent_run
+
+    # resume=True finds the run by its run key (the KFP run id) instead of creating one.
+    tags = {"icmil.kfp_final_state": state, **({"icmil.kfp_error": error[:4000]} if error else {})}
+    run_id = start_parent_run(cfg, kfp_run_id=kfp_run_id, tags=tags, resume=True)
+    status = "FINISHED" if state == "SUCCEEDED" else "FAILED"
+    end_parent_run(cfg, run_id, status=status)
+    return status
+
+
+def cohort_manifest(cohort_dir: str) -> str:
+    """The resolved manifest inside the cohort artifact (its relative slide paths resolve against it)."""
+    return str(Path(cohort_dir) / COHORT_MANIFEST)
+
+
+def cohort_lesions(cohort_dir: str) -> str | None:
+    """Lesion boxes of a synthetic cohort (drive heatmaps and the patch-level AUC), None for real data."""
+    path = Path(cohort_dir) / COHORT_LESIONS
+    return str(path) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def shard_inputs(shard_json: str, cohort_dir: str | None) -> Iterator[tuple[str, list[str]]]:
+    """The shard's own manifest CSV (temporary) and its slide ids, for a tile/embed stage."""
+    from icmil.cohort import Shard, shard_manifest
+
+    shard = Shard.from_json(shard_json)
+    with scratch_dir() as tmp:
+        path = shard_manifest(shard, tmp / f"shard-{shard.index}.csv", base_dir=cohort_dir)
+        yield str(path), shard.slide_ids
+
+
+def _scalars(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_scalars(value, f"{name}."))
+        elif isinstance(value, (bool, str, int)) or value is None:
+            out[name] = value
+        elif isinstance(value, float):
+            out[name] = value if math.isfinite(value) else None
+    return out
+
+
+def metadata(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's result as KFP artifact metadata: scalars only (nested dicts flattened, lists dropped)."""
+    return {k: v for k, v in _scalars(result).items() if not (isinstance(v, str) and len(v) > 500)}
+
+
+def log_kfp_metrics(metrics: Any, result: Mapping[str, Any]) -> dict[str, float]:
+    """Log the finite numbers of ``result`` (nested ``metrics`` flattened) to a KFP ``Metrics`` artifact;
+    return them (the row of the per-round table)."""
+    row: dict[str, float] = {}
+    for key, value in _scalars(result).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = key[len("metrics.") :] if key.startswith("metrics.") else key
+        row[name] = float(value)
+        metrics.log_metric(name, float(value))
+    return row
+
+
+def tuned_params(best_dir: str | None) -> dict[str, Any] | None:
+    """The tuned ``mil`` settings from the round's ``best_params.json`` folder, None without tuning."""
+    if best_dir is None:
+        return None
+    from icmil.tuning import load_best_params
+
+    return load_best_params(best_dir)
+
+
+def log_to_parent(cfg: ICMILConfig, parent_run_id: str, paths: Sequence[Path]) -> None:
+    """Attach run-level files (the summary) to the MLflow parent run."""
+    tracker = stage_tracker(cfg, parent_run_id)
+    parent = getattr(tracker, "parent", None)
+    if parent is None:
+        return
+    with parent() as run:
+        for path in paths:
+            if Path(path).is_file():
+                run.log_artifact(path)
+
+
+def _split_metrics(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{"test_auc": 0.9, "val_f1": ...}`` -> ``{"test": {"auc": 0.9}, "val": {"f1": ...}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in evaluation.items():
+        split, _, metric = key.partition("_")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if split in ("val", "test") and metric and numeric and math.isfinite(float(value)):
+            out.setdefault(split, {})[metric] = float(value)
+    return out
+
+
+def register_round_model(
+    register_fn: Callable[..., str],
+    cfg: ICMILConfig,
+    parent_run_id: str,
+    manifest_csv: str,
+    encoder_dir: str,
+    head_dir: str,
+    evaluation_dir: str,
+) -> tuple[str, bool, str]:
+    """Log the slide classifier under a ``register`` child run, register it as ``challenger`` with its
+    evaluation (metrics + the slides they were computed on), and pre-check it against the champion.
+
+    Returns ``(version, promote, reason)``; ``promote`` is the promotion gate's condition.
+    """
+    from icmil.stages import load_run_manifest
+    from icmil.tracking import RetryPolicy, log_slide_classifier, resolve_registry_uri, resolve_tracking_uri
+
+    evaluation = json.loads((Path(evaluation_dir) / "metrics.json").read_text(encoding="utf-8"))
+    manifest = load_run_manifest(cfg, manifest_csv)
+    tracking_uri, registry_uri = resolve_tracking_uri(cfg), resolve_registry_uri(cfg)
+    retry = RetryPolicy.from_config(cfg.tracking)
+    metrics = _split_metrics(evaluation)
+    tables = {
+        split: manifest.split(split)[["slide_id", "path", "label"]]
+        for split in metrics
+        if not manifest.split(split).empty
+    }
+    with stage_tracker(cfg, parent_run_id).stage("register") as run:
+        if not run.run_id:
+            raise RuntimeError("registering a model needs MLflow tracking (a parent run id)")
+        model_uri = log_slide_classifier(
+            encoder_dir,
+            head_dir,
+            cfg.tiling,
+            manifest.classes,
+            run_id=run.run_id,
+            tracking_uri=tracking_uri,
+            embed_cfg=cfg.embed,
+            retry=retry,
+        )
+        version = register_fn(
+            model_uri,
+            cfg.tracking.registered_model,
+            {"icmil.config_digest": cfg.digest()},
+            metrics=metrics,
+            eval_tables=tables,
+            parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri,
+            registry_uri=registry_uri,
+            retry=retry,
+        )
+        promote, reason = precheck_promotion(cfg, version, metrics, registry_uri, tracking_uri)
+        run.set_tags({"icmil.model_version": str(version), "icmil.gate_precheck": reason[:4000]})
+    return str(version), promote, reason
+
+
+def precheck_promotion(
+    cfg: ICMILConfig,
+    version: str,
+    metrics: Mapping[str, Mapping[str, float]],
+    registry_uri: str,
+    tracking_uri: str,
+) -> tuple[bool, str]:
+    """Would the new version win? Read-only: compares the registered metric tags with the champion's.
+
+    Only clear losses (same evaluation data, not better by the margin; or below the floor) skip the promote
+    task; when the champion was scored on other data the promote task re-scores both and decides.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from icmil.tracking.registry import CHAMPION, LOWER_IS_BETTER, digest_tag, metric_tag
+
+    t = cfg.tracking
+    label = f"{t.promotion_split} {t.promotion_metric}"
+    value = metrics.get(t.promotion_split, {}).get(t.promotion_metric)
+    if value is None:
+        return False, f"the challenger has no {label}"
+    higher = t.promotion_metric not in LOWER_IS_BETTER
+    if higher and value < t.promotion_floor:
+        return False, f"challenger {label} {value:.4f} is below the floor {t.promotion_floor:.4f}"
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    try:
+        champion = client.get_model_version_by_alias(t.registered_model, CHAMPION)
+    except MlflowException:
+        return (
+            True,
+            f"no champion yet; challenger {label} {value:.4f} meets the floor {t.promotion_floor:.4f}",
+        )
+    challenger = client.get_model_version(t.registered_model, version)
+    tags, champ_tags = challenger.tags or {}, champion.tags or {}
+    raw = champ_tags.get(metric_tag(t.promotion_split, t.promotion_metric))
+    same_data = raw is not None and tags.get(digest_tag(t.promotion_split)) == champ_tags.get(
+        digest_tag(t.promotion_split)
+    )
+    if not same_data:
+        return True, f"champion v{champion.version} was scored on other data: the gate re-scores both"
+    champ = float(raw)  # type: ignore[arg-type]
+    wins = value > champ + t.promotion_margin if higher else value < champ - t.promotion_margin
+    verdict = "beats" if wins else "does not beat"
+    return wins, (
+        f"challenger {label} {value:.4f} {verdict} champion v{champion.version} {champ:.4f} "
+        f"by more than the margin {t.promotion_margin:.4f}"
+    )
+
+
+REGISTRATION_FILE = "registration.json"
+
+
+def write_registration(
+    out_dir: str, cfg: ICMILConfig, version: str, promote: bool, reason: str
+) -> dict[str, Any]:
+    """Record what was registered and what the gate's pre-check decided (``registration.json``)."""
+    from icmil.io import write_json_atomic
+
+    record = {
+        "model": cfg.tracking.registered_model,
+        "version": version,
+        "promote": promote,
+        "reason": reason,
+    }
+    write_json_atomic(Path(out_dir) / REGISTRATION_FILE, record)
+    return record
+
+
+def read_registration(out_dir: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((Path(out_dir) / REGISTRATION_FILE).read_text(encoding="utf-8"))
+    return data
+
+
+def run_promotion(promote_fn: Callable[..., Any], cfg: ICMILConfig) -> tuple[bool, str]:
+    """Run the gate (``icmil.tracking.promote``); a rejection is returned as ``(False, reason)``."""
+    from icmil.errors import PromotionRejected
+    from icmil.tracking import RetryPolicy, resolve_registry_uri, resolve_tracking_uri
+
+    t = cfg.tracking
+    try:
+        result = promote_fn(
+            t.registered_model,
+            metric=t.promotion_metric,
+            split=t.promotion_split,
+            margin=t.promotion_margin,
+            floor=t.promotion_floor,
+            tracking_uri=resolve_tracking_uri(cfg),
+            registry_uri=resolve_registry_uri(cfg),
+            on_data_mismatch=t.on_data_mismatch,
+            retry=RetryPolicy.from_config(t),
+        )
+    except PromotionRejected as err:
+        return False, str(err)
+    return bool(result.promoted), str(result)

@@ -1,0 +1,28 @@
+"""Embed one shard of slides with the round's encoder (the initial one in round 0, else the fine-tuned one)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components._base import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def embed(
+    config_yaml: str,
+    shard: str,
+    round_index: int,
+    tiles: Input[Artifact],
+    encoder: Input[Model],
+    features: Output[Artifact],
+    cohort: Input[Dataset] | None = None,
+):
+    """Features HDF5 per slide of the shard (CLAM/TRIDENT layout), keyed by slide and encoder digest."""
+    from components import _runtime as rt
+    from icmil.stages import embed_stage
+
+    cfg = rt.stage_config(config_yaml)
+    with rt.shard_inputs(shard, cohort.path if cohort else None) as (manifest_csv, slide_ids):
+        result = embed_stage(
+            cfg, manifest_csv, tiles.path, encoder.path, features.path, round_index, shard=slide_ids
+        )
+    features.metadata.update(rt.metadata(result))

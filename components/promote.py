@@ -1,0 +1,20 @@
+"""Move the ``champion`` alias to the ``challenger`` (runs only when the gate's pre-check says it wins)."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components._base import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def promote(config_yaml: str) -> NamedTuple("PromoteOutputs", [("promoted", bool), ("reason", str)]):  # type: ignore[valid-type]  # KFP's NamedTuple outputs
+    """The gate compares again at promotion time (another run may have promoted meanwhile); a rejection is an
+    outcome, not a failure: the aliases stay as they were and the reason is returned."""
+    from collections import namedtuple
+
+    from components import _runtime as rt
+    from icmil.tracking import promote as promote_challenger
+
+    promoted, reason = rt.run_promotion(promote_challenger, rt.stage_config(config_yaml))
+    return namedtuple("PromoteOutputs", ["promoted", "reason"])(promoted, reason)  # type: ignore[call-arg,arg-type]

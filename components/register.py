@@ -1,0 +1,40 @@
+"""Register the coupled model (final encoder + bag head + tiling settings, an MLflow pyfunc slide classifier)
+as the new ``challenger`` version, and pre-check it against the ``champion``: that comparison is the
+condition of the promotion gate (``dsl.If``)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components._base import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def register(
+    config_yaml: str,
+    parent_run_id: str,
+    cohort: Input[Dataset],
+    encoder: Input[Model],
+    head: Input[Model],
+    evaluation: Input[Artifact],
+    registration: Output[Artifact],
+) -> bool:
+    """Returns True when the challenger would beat the champion (or reach the floor, first version).
+
+    The decision is the single return value because the local runner resolves a ``dsl.If`` condition only
+    on an ``Output`` parameter; the version and the reason are in ``registration/registration.json``.
+    """
+    from components import _runtime as rt
+    from icmil.tracking import register_challenger
+
+    cfg = rt.stage_config(config_yaml)
+    version, promote, reason = rt.register_round_model(
+        register_challenger,
+        cfg,
+        parent_run_id,
+        rt.cohort_manifest(cohort.path),
+        encoder.path,
+        head.path,
+        evaluation.path,
+    )
+    registration.metadata.update(rt.write_registration(registration.path, cfg, version, promote, reason))
+    return promote

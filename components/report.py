@@ -1,0 +1,27 @@
+"""The run summary: per-round metrics table, final evaluation, registered version and the gate's decision."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components._base import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def report(
+    config_yaml: str,
+    parent_run_id: str,
+    history_json: str,
+    registration: Input[Artifact],
+    summary: Output[Artifact],
+):
+    """Writes ``summary.json`` + ``summary.csv`` and logs them to the MLflow parent run."""
+    import json
+
+    from components import _runtime as rt
+    from icmil.run_summary import write_run_summary
+
+    cfg = rt.stage_config(config_yaml)
+    path = write_run_summary(
+        summary.path, json.loads(history_json or "[]"), registration=rt.read_registration(registration.path)
+    )
+    rt.log_to_parent(cfg, parent_run_id, [path, path.with_name("summary.csv")])

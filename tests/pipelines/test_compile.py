@@ -1,0 +1,350 @@
+"""The compiled pipeline: GPU placement, secrets, caching, the unrolled rounds, and a golden file."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from icmil.config import ICMILConfig, config_from_yaml, load_config
+from icmil.errors import ConfigError
+from pipelines.icmil_pipeline import stage_config
+from pipelines.runner import compile_pipeline
+from tests.pipelines import kfp_yaml
+
+GOLDEN = Path(__file__).parent / "golden" / "icmil_rounds1.yaml"
+GPU_OVERRIDES = [
+    "pipeline.gpu_accelerator_type=nvidia.com/gpu",
+    "pipeline.gpu_limit=2",
+    'pipeline.gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "gpu"}',
+    'pipeline.gpu_tolerations=[{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]',
+]
+GPU_STAGE = re.compile(r"^(embed-r\d+|finetune-r\d+|tune-worker-r\d+)$")
+
+
+SECRET_SENTINELS = {
+    "MLFLOW_TRACKING_URI": "http://user:s3ntinel-pw@mlflow.example:5000",
+    "MLFLOW_TRACKING_PASSWORD": "s3ntinel-mlflow-password",
+    "AWS_SECRET_ACCESS_KEY": "s3ntinel-aws-secret",
+    "ICMIL_OPTUNA_STORAGE": "postgresql://optuna:s3ntinel-db@db/optuna",
+    "KF_PIPELINES_TOKEN": "s3ntinel-token",
+}
+# The one big pipeline most checks read: GPU settings from the config, 2 rounds, parallel tuning.
+FULL = (*GPU_OVERRIDES, "coupling.rounds=2", "tuning.enabled=true", "tuning.workers=3")
+_CACHE: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any], Path]] = {}
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("compiled")
+
+
+def compile_cfg(
+    out: Path, overrides: tuple[str, ...] | list[str]
+) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """Compile once per override set (compiling takes seconds); secrets sit in the environment meanwhile."""
+    key = tuple(overrides)
+    if key not in _CACHE:
+        saved = {k: os.environ.get(k) for k in SECRET_SENTINELS}
+        os.environ.update(SECRET_SENTINELS)
+        try:
+            path = compile_pipeline(load_config(None, list(key)), out / f"p{len(_CACHE)}.yaml")
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _CACHE[key] = (*kfp_yaml.load(path), path)
+    return _CACHE[key]
+
+
+def expected_names(rounds: int, tuning: bool = False) -> set[str]:
+    names = {
+        "open-run",
+        "prepare",
+        "encoder-r0",
+        "tile",
+        "embed-r0",
+        "merge-tiles",
+        "register",
+        "promote",
+        "report",
+        "close-run",
+    }
+    for r in range(rounds + 1):
+        names |= {f"train-head-r{r}", f"evaluate-r{r}"}
+        if r:
+            names |= {f"finetune-r{r}", f"embed-r{r}"}
+        if tuning:
+            names |= {f"tune-prepare-r{r}", f"merge-features-r{r}", f"tune-worker-r{r}", f"tune-finish-r{r}"}
+    return names
+
+
+@pytest.mark.parametrize("overrides", [("coupling.rounds=1",), FULL], ids=["rounds1", "rounds2-tuned"])
+def test_rounds_unroll_into_the_expected_task_graph(out_dir: Path, overrides: tuple[str, ...]) -> None:
+    rounds, tuning = (1, False) if len(overrides) == 1 else (2, True)
+    spec, _, _ = compile_cfg(out_dir, overrides)
+    tasks = kfp_yaml.leaf_tasks(spec)
+    assert set(tasks) == expected_names(rounds, tuning)
+    up = {name: ts[0].upstream for name, ts in tasks.items()}
+    assert {"prepare", "encoder-r0"} <= up["embed-r0"] and "tile" in up["embed-r0"]
+    assert {"tile", "embed-r0"} <= up["merge-tiles"]
+    for r in range(1, rounds + 1):
+        # Stage 2 of round r: teacher = round r-1's head + encoder; then re-embed and retrain.
+        assert {f"train-head-r{r - 1}", "merge-tiles"} <= up[f"finetune-r{r}"]
+        assert (f"finetune-r{r - 1}" if r > 1 else "encoder-r0") in up[f"finetune-r{r}"]
+        assert f"finetune-r{r}" in up[f"embed-r{r}"]
+        assert f"embed-r{r}" in up[f"train-head-r{r}"]
+        assert f"embed-r{r - 1}" not in up[f"train-head-r{r}"]
+        assert {f"train-head-r{r}", f"evaluate-r{r - 1}"} <= up[f"evaluate-r{r}"]
+    last = f"r{rounds}"
+    assert {f"train-head-{last}", f"evaluate-{last}", f"finetune-{last}", "open-run"} <= up["register"]
+    assert "register" in up["promote"] and "challenger-wins" in tasks["promote"][0].groups
+    assert "register" in up["report"]
+    # The exit handler closes the MLflow parent run after everything else.
+    assert expected_names(rounds, tuning) - {"close-run"} <= up["close-run"]
+    # The shard loops: one tile + embed per shard, fanned out over prepare's shard list.
+    assert tasks["tile"][0].groups[-1] == "shards-r0"
+    assert tasks[f"embed-r{rounds}"][0].groups[-1] == f"shards-r{rounds}"
+
+
+def test_tuning_adds_a_study_per_round_with_parallel_workers(out_dir: Path) -> None:
+    spec, _, _ = compile_cfg(out_dir, FULL)
+    tasks = kfp_yaml.leaf_tasks(spec)
+    up = {name: ts[0].upstream for name, ts in tasks.items()}
+    for r in (0, 1, 2):
+        assert {f"tune-prepare-r{r}", f"merge-features-r{r}"} <= up[f"tune-worker-r{r}"]
+        assert f"tune-worker-r{r}" in up[f"tune-finish-r{r}"]
+        assert f"tune-finish-r{r}" in up[f"train-head-r{r}"]
+        assert tasks[f"tune-worker-r{r}"][0].groups[-1] == f"tune-workers-r{r}"
+    loop = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    workers = next(t for t in loop.values() if t["taskInfo"]["name"] == "tune-workers-r0")
+    assert workers["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+    assert workers["iteratorPolicy"]["parallelismLimit"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra", [(), ("pipeline.gpu_stages=[embed, finetune, tune, train]",)], ids=["default", "train-on-gpu"]
+)
+def test_gpu_placement_only_on_gpu_stages(out_dir: Path, extra: tuple[str, ...]) -> None:
+    overrides = (*FULL, *extra) if not extra else (*GPU_OVERRIDES, "coupling.rounds=1", *extra)
+    cfg = load_config(None, list(overrides))
+    spec, platform, _ = compile_cfg(out_dir, overrides)
+    gpu_pattern = GPU_STAGE if not extra else re.compile(GPU_STAGE.pattern[:-2] + r"|train-head-r\d+)$")
+    seen_gpu = set()
+    for name, tasks in kfp_yaml.leaf_tasks(spec).items():
+        for task in tasks:
+            res = kfp_yaml.container(spec, task.executor).get("resources", {})
+            plat = kfp_yaml.executor_platform(platform, task.executor)
+            if gpu_pattern.match(name):
+                seen_gpu.add(name)
+                assert res["accelerator"]["resourceType"] == cfg.pipeline.gpu_accelerator_type, name
+                assert res["accelerator"]["resourceCount"] == str(cfg.pipeline.gpu_limit), name
+                assert plat["nodeSelector"]["labels"] == cfg.pipeline.gpu_node_selector, name
+                assert plat["tolerations"] == cfg.pipeline.gpu_tolerations, name
+                assert res["resourceMemoryRequest"] == cfg.pipeline.gpu_memory_request
+            else:
+                assert "accelerator" not in res, name
+                assert "nodeSelector" not in plat and "tolerations" not in plat, name
+                assert res["resourceMemoryRequest"] == cfg.pipeline.memory_request, name
+            assert res["resourceCpuRequest"] == cfg.pipeline.cpu_request
+            assert kfp_yaml.container(spec, task.executor)["image"] == cfg.pipeline.image
+    assert {"embed-r0", "embed-r1", "finetune-r1"} <= seen_gpu
+    assert ("tune-worker-r0" in seen_gpu) == (not extra)
+    assert ("train-head-r0" in seen_gpu) == bool(extra)
+
+
+def test_no_gpu_placement_when_gpu_limit_is_zero(out_dir: Path) -> None:
+    spec, platform, _ = compile_cfg(out_dir, ("pipeline.gpu_limit=0",))
+    for tasks in kfp_yaml.leaf_tasks(spec).values():
+        for task in tasks:
+            assert "accelerator" not in kfp_yaml.container(spec, task.executor).get("resources", {})
+            assert "nodeSelector" not in kfp_yaml.executor_platform(platform, task.executor)
+
+
+def test_secrets_appear_only_as_secret_references(out_dir: Path) -> None:
+    cfg = load_config(None, list(FULL))
+    spec, platform, path = compile_cfg(out_dir, FULL)
+    text = path.read_text()
+    assert "s3ntinel" not in text  # the environment held secrets while compiling
+    for name, tasks in kfp_yaml.leaf_tasks(spec).items():
+        plat = kfp_yaml.executor_platform(platform, tasks[0].executor)
+        refs = plat.get("secretAsEnv", [])
+        for ref in refs:
+            assert set(ref) <= {"keyToEnv", "optional", "secretName", "secretNameParameter"}
+            assert all(set(m) == {"secretKey", "envVar"} for m in ref["keyToEnv"])
+        by_secret = {r["secretName"]: {m["envVar"] for m in r["keyToEnv"]} for r in refs}
+        talks_to_mlflow = name not in {
+            "prepare",
+            "encoder-r0",
+            "tile",
+            "merge-tiles",
+        } and not name.startswith(("embed-r", "merge-features"))
+        if talks_to_mlflow:
+            required = [
+                r for r in refs if r["secretName"] == cfg.pipeline.mlflow_secret and not r.get("optional")
+            ]
+            assert required and {"MLFLOW_TRACKING_URI"} == {m["envVar"] for m in required[0]["keyToEnv"]}, (
+                name
+            )
+        else:
+            assert cfg.pipeline.mlflow_secret not in by_secret, name
+        assert "AWS_SECRET_ACCESS_KEY" in by_secret[cfg.pipeline.s3_secret], name
+        if name.startswith("tune-"):
+            assert by_secret[cfg.tuning.storage_secret] == {"ICMIL_OPTUNA_STORAGE"}, name
+            assert plat["podMetadata"]["labels"] == {"icmil.io/optuna-client": "true"}
+        else:
+            assert cfg.tuning.storage_secret not in by_secret, name
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tuning.storage=postgresql://optuna:hunter2@db:5432/optuna",
+        "tracking.tracking_uri=https://alice:hunter2@mlflow.example",
+        "manifest=s3://bucket/m.csv?X-Amz-Signature=abc",
+    ],
+)
+def test_config_with_a_credential_is_refused(tmp_path: Path, override: str) -> None:
+    with pytest.raises(ConfigError, match=r"holds a credential.*Kubernetes Secret") as err:
+        compile_pipeline(load_config(None, [override]), tmp_path / "p.yaml")
+    assert "hunter2" not in str(err.value) and not (tmp_path / "p.yaml").exists()
+
+
+def test_caching_only_on_content_addressed_steps(out_dir: Path) -> None:
+    spec, _, _ = compile_cfg(out_dir, FULL)
+    cached = {name for name, ts in kfp_yaml.leaf_tasks(spec).items() if ts[0].caching}
+    assert cached == {"prepare", "encoder-r0", "tile", "embed-r0", "embed-r1", "embed-r2", "merge-tiles"}
+    # A manifest can change in place: then prepare is never cached (tiles still are, keyed by fingerprints).
+    spec, _, _ = compile_cfg(out_dir, MANIFEST_PVC)
+    cached = {name for name, ts in kfp_yaml.leaf_tasks(spec).items() if ts[0].caching}
+    assert "prepare" not in cached and {"tile", "embed-r0"} <= cached
+
+
+def test_cached_steps_receive_only_the_config_sections_they_read(out_dir: Path) -> None:
+    cfg = load_config(
+        None, ["mil.lr=0.001", "tiling.patch_size=128", "encoder.name=tiny_cnn", "embed.batch_size=7"]
+    )
+    tile_view, embed_view = stage_config(cfg, "tile"), stage_config(cfg, "embed")
+    default = ICMILConfig()
+    assert (
+        tile_view.tiling.patch_size == 128
+        and tile_view.mil == default.mil
+        and tile_view.encoder == default.encoder
+    )
+    assert (
+        embed_view.encoder.name == "tiny_cnn"
+        and embed_view.embed.batch_size == 7
+        and embed_view.mil.lr is None
+    )
+    assert stage_config(cfg, "train") == cfg
+    # So a bag-head setting does not change the tile/embed tasks (their cache keys) in the compiled YAML.
+    spec_a, _, _ = compile_cfg(out_dir, ("coupling.rounds=1",))
+    spec_b, _, _ = compile_cfg(out_dir, ("coupling.rounds=1", "mil.lr=0.002"))
+    for name in ("tile", "embed-r0", "embed-r1"):
+        a = kfp_yaml.leaf_tasks(spec_a)[name][0]
+        b = kfp_yaml.leaf_tasks(spec_b)[name][0]
+        assert _task_inputs(spec_a, a) == _task_inputs(spec_b, b), name
+    a, b = kfp_yaml.leaf_tasks(spec_a)["train-head-r0"][0], kfp_yaml.leaf_tasks(spec_b)["train-head-r0"][0]
+    assert _task_inputs(spec_a, a) != _task_inputs(spec_b, b)
+
+
+def _task_inputs(spec: dict[str, Any], task: kfp_yaml.Task) -> Any:
+    def find(dag: dict[str, Any]) -> Any:
+        for internal, t in dag["tasks"].items():
+            if internal == task.internal and t["taskInfo"]["name"] == task.name:
+                return t["inputs"]
+            sub = spec["components"][t["componentRef"]["name"]]
+            if "dag" in sub and (found := find(sub["dag"])) is not None:
+                return found
+        return None
+
+    return find(spec["root"]["dag"])
+
+
+def test_every_task_gets_the_resolved_config_as_yaml(out_dir: Path) -> None:
+    cfg = load_config(None, ["coupling.rounds=1", "mil.lr=0.002"])
+    spec, _, _ = compile_cfg(out_dir, ("coupling.rounds=1", "mil.lr=0.002"))
+    train = kfp_yaml.leaf_tasks(spec)["train-head-r0"][0]
+    text = _task_inputs(spec, train)["parameters"]["config_yaml"]["runtimeValue"]["constant"]
+    assert config_from_yaml(text) == cfg
+
+
+MANIFEST_PVC = ("manifest=s3://slides/cohort.csv", "pipeline.feature_store_pvc=icmil-store")
+
+
+def test_manifest_becomes_a_runtime_parameter_and_pvc_holds_the_slide_cache(out_dir: Path) -> None:
+    spec, platform, _ = compile_cfg(out_dir, MANIFEST_PVC)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["manifest"]["defaultValue"] == "s3://slides/cohort.csv"
+    tasks = kfp_yaml.leaf_tasks(spec)
+    tile = _task_inputs(spec, tasks["tile"][0])
+    assert "cohort" not in tile.get(
+        "artifacts", {}
+    )  # slides are read by path: the tile cache key stays stable
+    view = config_from_yaml(tile["parameters"]["config_yaml"]["runtimeValue"]["constant"])
+    assert str(view.cache_dir) == "/mnt/icmil/slide-cache"
+    for name in ("prepare", "tile", "embed-r0", "finetune-r1"):
+        mounts = kfp_yaml.executor_platform(platform, tasks[name][0].executor)["pvcMount"]
+        assert (
+            mounts[0]["mountPath"] == "/mnt/icmil"
+            and mounts[0]["pvcNameParameter"]["runtimeValue"]["constant"] == "icmil-store"
+        )
+    assert "pvcMount" not in kfp_yaml.executor_platform(platform, tasks["train-head-r0"][0].executor)
+    # A synthetic cohort has no runtime parameter at all.
+    spec, _, _ = compile_cfg(out_dir, ("coupling.rounds=1",))
+    assert "inputDefinitions" not in spec["root"]
+
+
+def _normalised(path: Path) -> list[Any]:
+    """The compiled YAML minus what changes without the pipeline changing: the kfp version and the config text
+    (other sections' defaults move as the project grows; the config itself is tested above)."""
+    docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    docs[0].pop("sdkVersion", None)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            if (
+                "config_yaml" in node
+                and isinstance(node["config_yaml"], dict)
+                and "runtimeValue" in node["config_yaml"]
+            ):
+                node = {**node, "config_yaml": {"runtimeValue": {"constant": "<config>"}}}
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return [scrub(d) for d in docs]
+
+
+def test_compiled_pipeline_loads_back_and_matches_the_golden_file(out_dir: Path) -> None:
+    from kfp import components
+
+    _, _, path = compile_cfg(out_dir, ("coupling.rounds=1",))
+    loaded = components.load_component_from_file(str(path))
+    assert loaded.name == "icmil"
+    assert "challenger-wins" in path.read_text()
+    got = _normalised(path)
+    if os.environ.get("ICMIL_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(yaml.safe_dump_all(got, sort_keys=True), encoding="utf-8")
+    assert GOLDEN.is_file(), "no golden file yet: run with ICMIL_UPDATE_GOLDEN=1"
+    want = list(yaml.safe_load_all(GOLDEN.read_text(encoding="utf-8")))
+    if got != want:
+        diff = "\n".join(
+            difflib.unified_diff(
+                yaml.safe_dump_all(want, sort_keys=True).splitlines(),
+                yaml.safe_dump_all(got, sort_keys=True).splitlines(),
+                "golden",
+                "compiled",
+                lineterm="",
+                n=2,
+            )
+        )
+        pytest.fail(
+            f"compiled pipeline differs from {GOLDEN} (ICMIL_UPDATE_GOLDEN=1 to accept):\n{diff[:6000]}"
+        )
