@@ -152,6 +152,12 @@ def _localize_s3(uri: str, cache_dir: Path, slide_id: str) -> Path:
     except ValueError as err:
         raise SlideError(slide_id, str(err)) from None
     target = cache_dir / bucket / key
+    root = cache_dir.resolve()
+    if not target.resolve().is_relative_to(root) or target.resolve() == root:
+        # A key like "../../x" must not write outside the cache.
+        raise SlideError(
+            slide_id, f"S3 key of {uri} would leave the cache folder {cache_dir}", "rename the object"
+        )
     stamp = target.with_name(target.name + ".s3.json")
     client = s3_client()
     try:

@@ -108,7 +108,7 @@ def make_layout(
     cw, ch = math.ceil(gw / coarse), math.ceil(gh / coarse)
     cxs = (np.arange(cw, dtype=np.float32)[None, :] + 0.5) * grid * coarse
     cys = (np.arange(ch, dtype=np.float32)[:, None] + 0.5) * grid * coarse
-    tissue = np.full((ch, cw), -1.0, dtype=np.float32)
+    tissue: np.ndarray = np.full((ch, cw), -1.0, dtype=np.float32)
     for _ in range(n_blobs):
         aspect = float(rng.uniform(1.0, 2.2))
         size = float(rng.uniform(0.7, 1.3))

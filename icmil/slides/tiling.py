@@ -102,6 +102,14 @@ class TilingReport:
     def n_skipped(self) -> int:
         return int(self.status["skipped"].sum())
 
+    def __str__(self) -> str:
+        lines = [
+            f"tiled {len(self.status)} slides: {self.n_ok} ok ({self.n_skipped} already up to date), "
+            f"{self.n_failed} failed, {int(self.status['n_patches'].sum())} patches; status: {self.status_path}"
+        ]
+        lines += [f"  - {why}" for why in self.failures.values()]
+        return "\n".join(lines)
+
 
 def tiling_settings_digest(cfg: TilingConfig, mpp_override: float | None = None) -> str:
     """Key of every setting that changes the patch grid (``max_failed_fraction`` does not)."""

@@ -58,6 +58,11 @@ def test_localize_local_and_uri_parsing(tmp_path: Path) -> None:
         split_s3_uri("s3://bucket-only")
 
 
+def test_s3_keys_cannot_escape_the_cache(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match="would leave the cache folder"):
+        localize("s3://bucket/../../outside.svs", tmp_path / "cache", "x")
+
+
 def test_slide_digest_samples_big_files(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * (40 << 20))

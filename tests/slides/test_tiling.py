@@ -185,3 +185,19 @@ def test_multi_level_slide_reads_from_a_coarser_level(tmp_path: Path) -> None:
     assert tiles.read_level == 1 and tiles.read_size == 64 and tiles.level_downsample == 4.0
     assert tiles.size_level0 == 256 and (tiles.coords % 256 == 0).all()
     assert info.choice is not None and info.choice.level == 1
+
+
+def test_thumbnail_of_a_large_level_is_read_in_strips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from icmil.slides import mask as mask_module
+
+    path = tmp_path / "flat.tiff"
+    write_synthetic_slide(path, SynthConfig(), seed=2, positive=False, width=1024, height=768)
+    slide = openslide.OpenSlide(path)
+    whole = mask_module.read_thumbnail(slide, 0.5, 2.0)
+    monkeypatch.setattr(mask_module, "_STRIP_PIXELS", 30_000)  # ~30 rows of the 1024-px level at a time
+    strips = mask_module.read_thumbnail(slide, 0.5, 2.0)
+    assert strips.rgb.shape == whole.rgb.shape == (192, 256, 3)
+    assert strips.downsample == whole.downsample == (4.0, 4.0) and strips.mpp == 2.0
+    assert np.abs(strips.rgb.astype(int) - whole.rgb.astype(int)).mean() < 2.0
