@@ -329,8 +329,8 @@ class _TileComposer:
     def __init__(self, layout: SlideLayout, atlas: TextureAtlas) -> None:
         self.layout = layout
         self.atlas = atlas
-        bg = np.broadcast_to(atlas.background, (TILE, TILE, 3))
-        self.background_bytes = zlib.compress(np.ascontiguousarray(bg).tobytes(), ZLIB_LEVEL)
+        self.background = np.ascontiguousarray(np.broadcast_to(atlas.background, (TILE, TILE, 3)))
+        self.background_bytes = zlib.compress(self.background.tobytes(), ZLIB_LEVEL)
         self._cache: dict[tuple[int, int, int, bool], bytes] = {}
 
     def _field(self, grid_field: np.ndarray, x0: int, y0: int, d: int) -> np.ndarray:
@@ -368,11 +368,12 @@ class _TileComposer:
         source = self.atlas.lesion if l_max > 0 and interior else self.atlas.normal
         out = source[level][sy : sy + TILE, sx : sx + TILE].copy()
         if not interior:
+            # cv2.copyTo with a uint8 mask is several times faster than boolean-index assignment.
             if l_max > 0:
-                inside = self._field(self.layout.lesion, x0, y0, d) > 0
-                out[inside] = self.atlas.lesion[level][sy : sy + TILE, sx : sx + TILE][inside]
-            outside = self._field(self.layout.tissue, x0, y0, d) <= 0
-            out[outside] = self.atlas.background
+                inside = (self._field(self.layout.lesion, x0, y0, d) > 0).view(np.uint8)
+                cv2.copyTo(self.atlas.lesion[level][sy : sy + TILE, sx : sx + TILE], inside, out)
+            outside = (self._field(self.layout.tissue, x0, y0, d) <= 0).view(np.uint8)
+            cv2.copyTo(self.background, outside, out)
         data = zlib.compress(out.tobytes(), ZLIB_LEVEL)
         if interior:
             self._cache[key] = data
