@@ -2,13 +2,15 @@
 
 The cohort is a realistic MIL problem in miniature: tissue is a few uneven pieces on a light background,
 stained pink (eosin) with purple nuclei (haematoxylin); a positive (``tumor``) slide holds a few small lesions
-whose nuclei are only somewhat larger, denser and darker than normal ones (``SynthConfig.lesion_contrast``), so
-a frozen random encoder separates slides imperfectly while a trained patch embedder can learn the difference.
+whose nuclei are somewhat larger, darker, more varied in size and a little sparser than normal ones, scaled by
+``SynthConfig.lesion_contrast``. Nuclear area, hence mean colour, barely changes, so a frozen random encoder
+separates slides imperfectly while a trained patch embedder can learn the texture difference.
 
-Writing streams: geometry lives on a coarse grid (one cell per ``grid`` level-0 px) and texture in a small
-periodic atlas per slide; each 256-px tile of each level is composed from these on demand, compressed and
-handed to tifffile, so no whole-slide array is ever held in memory. Lower levels are drawn directly at their
-resolution from downsampled atlases, not by shrinking level 0.
+Writing streams: geometry lives on a coarse grid (one cell per ``grid`` level-0 px) and texture in a periodic
+atlas per slide (period ``ATLAS`` = 2048 px, 1 mm at 0.5 µm/px); each 256-px tile of each level is composed
+from these on demand, compressed and handed to tifffile, so no whole-slide array is ever held in memory. Tiles
+that depend only on their atlas position (tissue or lesion interior) are byte-identical and compressed once.
+Lower levels are drawn directly at their resolution from downsampled atlases, not by shrinking level 0.
 
 Example:
     >>> import tempfile, pathlib
@@ -45,7 +47,8 @@ MIN_ATLAS = 512  # small test slides get a smaller (cheaper) atlas
 MIN_LEVEL_SIDE = 256  # stop adding pyramid levels once a level's long side would be shorter than this
 ZLIB_LEVEL = 1  # deflate level 1: ~3x faster than the default 6 for ~10 % larger files
 LABELS = ("normal", "tumor")
-# Ruifrok & Johnston optical-density vectors (R, G, B) of haematoxylin and eosin.
+# Optical density per unit stain (R, G, B): haematoxylin from Ruifrok & Johnston; eosin made a little bluer
+# (absorbing more blue) so the stroma is pink rather than magenta.
 _H_OD = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 _E_OD = np.array([0.09, 0.85, 0.30], dtype=np.float32)
 
