@@ -42,15 +42,16 @@ from icmil.slides.patches import SlideSource, patch_loader
 log = get_logger("embed")
 
 FEATURES_FORMAT = "icmil-features/1"
+# Same leading columns as the tiling status table (status ok/error; skipped = the output was already up to date).
 STATUS_COLUMNS = [
     "slide_id",
     "status",
     "n_patches",
-    "n_corrupt",
-    "seconds",
-    "patches_per_s",
     "error",
-    "features",
+    "seconds",
+    "skipped",
+    "n_corrupt",
+    "patches_per_s",
 ]
 
 
@@ -98,11 +99,13 @@ class EmbedReport:
 
     @property
     def n_ok(self) -> int:
+        """Slides with a usable features file (embedded now or skipped as up to date)."""
         return int((self.status["status"] == "ok").sum())
 
     @property
-    def n_cached(self) -> int:
-        return int((self.status["status"] == "cached").sum())
+    def n_skipped(self) -> int:
+        """Slides whose features were already up to date (not recomputed)."""
+        return int(self.status["skipped"].astype(bool).sum())
 
     @property
     def n_failed(self) -> int:
@@ -114,7 +117,8 @@ class EmbedReport:
 
     def __str__(self) -> str:
         text = (
-            f"embed {self.encoder_name} ({self.encoder_digest}): {self.n_ok} embedded, {self.n_cached} cached, "
+            f"embed {self.encoder_name} ({self.encoder_digest}): {self.n_ok - self.n_skipped} embedded, "
+            f"{self.n_skipped} up to date, "
             f"{self.n_failed} failed; {self.n_embedded_patches} patches in {self.seconds:.1f} s "
             f"({self.patches_per_s:.0f} patches/s); status: {self.status_path}"
         )
@@ -140,10 +144,13 @@ class _Job:
     seconds: float = 0.0
 
 
-def _status_name(slide_ids: Sequence[str] | None) -> str:
-    if slide_ids is None:
-        return "status.csv"
-    return f"status-{text_digest(sorted(slide_ids))[:8]}.csv"
+def _status_name(shard: str | int | None, slide_ids: Sequence[str] | None) -> str:
+    # Same names as the tiling stage: shards running side by side must not overwrite one status file.
+    if shard is not None:
+        return f"status-{shard}.csv"
+    if slide_ids is not None:
+        return f"status-{text_digest(sorted(str(s) for s in slide_ids))[:8]}.csv"
+    return "status.csv"
 
 
 def _plan_slide(
@@ -168,7 +175,7 @@ def _plan_slide(
             f"tiles file {tiles_path} holds no patches (no tissue found)",
             hint="check the tissue mask settings (tiling.*)",
         )
-    local = localize(str(row["path"]), cache_dir)
+    local = localize(str(row["path"]), cache_dir, sid)
     slide = open_slide(str(local), sid)  # fail early (missing/unsupported) instead of in every worker
     try:
         if tiles.read_level >= slide.level_count:
@@ -210,12 +217,14 @@ def embed_manifest(
     cfg: EmbedConfig,
     slide_ids: Sequence[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    shard: str | int | None = None,
 ) -> EmbedReport:
     """Embed every tiled slide of ``manifest`` (or the shard ``slide_ids``) into ``out_dir/<slide_id>.h5``.
 
-    Writes ``out_dir/status.csv`` (``status-<hash>.csv`` for a shard) with one row per slide: ``ok``,
-    ``cached`` (skipped, output up to date) or ``error`` (+ the reason). Raises ``StageFailed`` (after writing
-    the status) when more than ``cfg.max_failed_fraction`` of the slides failed.
+    Writes ``out_dir/status.csv`` (``status-<shard>.csv`` for a shard) with one row per slide: ``ok`` (with
+    ``skipped=True`` when the existing file was up to date) or ``error`` and the reason. Raises ``StageFailed``
+    (after writing the status) when more than ``cfg.max_failed_fraction`` of the slides failed.
 
     >>> enc = create_encoder(EncoderConfig(name="tiny_cnn"))  # doctest: +SKIP
     >>> print(embed_manifest(read_manifest("run/manifest.csv"), "run/tiles", "run/feats", enc, EmbedConfig()))  # doctest: +SKIP
@@ -255,8 +264,12 @@ def embed_manifest(
             status[sid] = _row(sid, "error", error=str(err))
             log.warning("%s", err)
             continue
+        except Exception as err:  # an unexpected failure on one slide must not lose the others
+            status[sid] = _row(sid, "error", error=f"slide {sid!r}: unexpected {type(err).__name__}: {err}")
+            log.exception("planning the embedding of %s failed unexpectedly", sid)
+            continue
         if _is_cached(out_path, attrs):
-            status[sid] = _row(sid, "cached", n_patches=source.n_patches, features=out_path.name)
+            status[sid] = _row(sid, "ok", n_patches=source.n_patches, skipped=True)
             continue
         n_batches = -(-source.n_patches // cfg.batch_size)
         jobs.append(_Job(sid, source, out_path, attrs, n_batches))
@@ -265,7 +278,11 @@ def embed_manifest(
     for job in jobs:
         if job.error:
             status[job.slide_id] = _row(
-                job.slide_id, "error", n_corrupt=len(job.corrupt), seconds=job.seconds, error=job.error
+                job.slide_id,
+                "error",
+                n_corrupt=len(job.corrupt),
+                seconds=round(job.seconds, 3),
+                error=job.error,
             )
         else:
             n = job.source.n_patches - len(job.corrupt)
@@ -274,13 +291,12 @@ def embed_manifest(
                 "ok",
                 n_patches=n,
                 n_corrupt=len(job.corrupt),
-                seconds=job.seconds,
-                features=job.out_path.name,
-                patches_per_s=n / job.seconds if job.seconds > 0 else 0.0,
+                seconds=round(job.seconds, 3),
+                patches_per_s=round(n / job.seconds, 1) if job.seconds > 0 else 0.0,
             )
 
     table = pd.DataFrame([status[s] for s in sorted(status)], columns=STATUS_COLUMNS)
-    status_path = write_text_atomic(out_root / _status_name(slide_ids), table.to_csv(index=False))
+    status_path = write_text_atomic(out_root / _status_name(shard, slide_ids), table.to_csv(index=False))
     failures = {
         str(r["slide_id"]): str(r["error"]) for r in table.to_dict("records") if r["status"] == "error"
     }
@@ -300,16 +316,8 @@ def embed_manifest(
 
 
 def _row(sid: str, status: str, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "slide_id": sid,
-        "status": status,
-        "n_patches": 0,
-        "n_corrupt": 0,
-        "seconds": 0.0,
-        "patches_per_s": 0.0,
-        "error": "",
-        "features": "",
-    }
+    row: dict[str, Any] = dict.fromkeys(STATUS_COLUMNS, 0)
+    row.update({"slide_id": sid, "status": status, "error": "", "seconds": 0.0, "skipped": False})
     row.update(kw)
     return row
 

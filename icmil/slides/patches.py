@@ -62,13 +62,9 @@ class TileSpec(Protocol):
 
 
 def _open(path: str, slide_id: str) -> openslide.OpenSlide:
-    if not Path(path).is_file():
-        raise SlideError(slide_id, f"slide file not found: {path}", hint="check the manifest path")
-    try:
-        # OpenSlide(), not open_slide(): the latter falls back to PIL and fails later with a vaguer error.
-        return openslide.OpenSlide(path)
-    except openslide.OpenSlideError as err:
-        raise SlideError(slide_id, f"OpenSlide cannot open {path}: {err}") from None
+    from icmil.slides.access import open_slide  # late: icmil.slides.__init__ may import this module
+
+    return open_slide(path, slide_id)
 
 
 class PatchReader:

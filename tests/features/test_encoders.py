@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -26,14 +27,20 @@ def _enc(name: str, **kw: object) -> PatchEncoder:
     return create_encoder(EncoderConfig(name=name, **kw), quiet_random=True).eval()
 
 
-def _patches(n: int = 2, size: int = 48, seed: int = 0) -> torch.Tensor:
+@functools.cache
+def _shared(name: str) -> PatchEncoder:
+    """One instance per encoder name for the read-only tests (building ResNet-50 is the slow part)."""
+    return _enc(name)
+
+
+def _patches(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
 @pytest.mark.parametrize("name", list_encoders())
 def test_every_registered_encoder(name: str) -> None:
-    enc = _enc(name)
+    enc = _shared(name)
     x = _patches()
     with torch.no_grad():
         out_u8 = enc(x)
@@ -43,20 +50,23 @@ def test_every_registered_encoder(name: str) -> None:
         assert enc.out_dim == EXPECTED_DIM[name]
     assert out_u8.dtype == torch.float32 and torch.isfinite(out_u8).all()
     torch.testing.assert_close(out_u8, out_float)  # uint8 and float in [0, 1] are the same input
-    # The normalisation setting reaches the network and the digest.
-    raw = _enc(name, normalization="none")
+    # The normalisation setting reaches the network and the digest (same weights, other normalisation).
+    raw = PatchEncoder(enc.backbone, enc.out_dim, name, normalization="none").eval()
     with torch.no_grad():
         assert not torch.allclose(raw(x), out_u8)
+        torch.testing.assert_close(raw(x), enc.backbone(x.float() / 255.0))
     assert raw.digest() != enc.digest()
     assert enc.name == name
 
 
 def test_resnet50_trunc_is_layer3_plus_pooling() -> None:
-    enc = _enc("resnet50_trunc")
+    enc = _shared("resnet50_trunc")
     names = {n.split(".")[2] for n, _ in enc.named_parameters() if n.startswith("backbone.trunk.")}
     assert "layer3" in names and "layer4" not in names and "fc" not in names
     with torch.no_grad():
-        assert enc(_patches(1, 64)).shape == (1, 1024)
+        fmap = enc.backbone.trunk(enc.normalize(_patches(1, 64)))[-1]
+        assert fmap.shape == (1, 1024, 4, 4)  # stride 16 after layer3
+        torch.testing.assert_close(enc(_patches(1, 64)), fmap.mean(dim=(2, 3)))
 
 
 def test_any_timm_model_and_unknown_name() -> None:
@@ -111,24 +121,21 @@ def test_load_encoder_errors(tmp_path) -> None:
 def test_weights_file_safetensors_and_pth(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    src = _enc("resnet50_trunc", seed=3)
-    # A full timm resnet50 checkpoint (with layer4 / fc) must load into the truncated model, fc ignored.
-    import timm
-
-    full = timm.create_model("resnet50", pretrained=False)
-    full.load_state_dict(
-        {**full.state_dict(), **{k.removeprefix("backbone.trunk."): v for k, v in src.state_dict().items()}}
-    )
-    torch.save(full.state_dict(), tmp_path / "r50.pth")
-    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "r50.safetensors"))
+    src = _shared("resnet50_trunc")
+    # A full timm/torchvision resnet50 checkpoint: bare trunk keys plus layer4 / fc, which must be ignored.
+    full = {k.removeprefix("backbone.trunk."): v.clone() for k, v in src.state_dict().items()}
+    full |= {"layer4.0.conv1.weight": torch.zeros(512, 1024, 1, 1), "fc.weight": torch.zeros(1000, 2048)}
+    torch.save(full, tmp_path / "r50.pth")
+    save_file(full, str(tmp_path / "r50.safetensors"))
     for name in ("r50.pth", "r50.safetensors"):
-        loaded = create_encoder(EncoderConfig(name="resnet50_trunc", weights=str(tmp_path / name)))
+        loaded = create_encoder(EncoderConfig(name="resnet50_trunc", weights=str(tmp_path / name), seed=7))
         assert loaded.digest() == src.digest(), name
-    # Our own layout (backbone.* keys) wrapped like a training checkpoint.
-    torch.save({"state_dict": src.state_dict()}, tmp_path / "ours.pth")
+    # Our own layout (backbone.* keys), wrapped like a training checkpoint.
+    tiny = _enc("tiny_cnn", seed=5)
+    torch.save({"state_dict": tiny.state_dict()}, tmp_path / "ours.pth")
     assert (
-        create_encoder(EncoderConfig(name="resnet50_trunc", weights=str(tmp_path / "ours.pth"))).digest()
-        == src.digest()
+        create_encoder(EncoderConfig(name="tiny_cnn", weights=str(tmp_path / "ours.pth"))).digest()
+        == tiny.digest()
     )
 
 
