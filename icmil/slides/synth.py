@@ -472,7 +472,11 @@ def synthesize_cohort(out_dir: str | os.PathLike[str], cfg: SynthConfig) -> Path
     slides_dir = out / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
     settings = cfg.model_dump(mode="json")
-    digest = text_digest(settings, "synth-v1")
+    # The split fractions only change manifest.csv, not the slides: changing them must not redraw every slide.
+    digest = text_digest(
+        {k: v for k, v in settings.items() if not k.endswith("_fraction") or k == "positive_fraction"},
+        "synth-v1",
+    )
     stamp = out / "synth.json"
     previous = json.loads(stamp.read_text()) if stamp.is_file() else {}
     reuse = previous.get("digest") == digest

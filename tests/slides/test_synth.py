@@ -115,6 +115,8 @@ def test_same_seed_same_slide_and_rerun_keeps_files(tmp_path: Path) -> None:
     before = slide.stat().st_mtime_ns
     synthesize_cohort(tmp_path / "a", cfg)
     assert slide.stat().st_mtime_ns == before  # finished slides are kept on a rerun
+    synthesize_cohort(tmp_path / "a", cfg.model_copy(update={"val_fraction": 0.5}))
+    assert slide.stat().st_mtime_ns == before  # a new split only rewrites the manifest
     synthesize_cohort(tmp_path / "a", cfg.model_copy(update={"lesion_contrast": 0.9}))
     assert slide.stat().st_mtime_ns != before  # changed settings rewrite them
 
