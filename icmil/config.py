@@ -129,10 +129,15 @@ class MILConfig(_Section):
     transmil_landmarks: int = Field(256, ge=1, description="Nyström landmarks")
     transmil_weight_decay: float = Field(1e-5, ge=0, description="TransMIL's Lookahead(RAdam) weight decay")
     bootstrap_samples: int = Field(1000, ge=0)
-    cache_bags: int = Field(4, ge=0, description="bags kept in memory (LRU); the rest stream from the HDF5 store")
+    cache_bags: int = Field(
+        4, ge=0, description="bags kept in memory (LRU); the rest stream from the HDF5 store"
+    )
     max_heatmaps: int = Field(8, ge=0, description="attention heatmaps drawn (test slides, positives first)")
     max_missing_fraction: float = Field(
-        0.1, ge=0, le=1, description="fail when more slides than this lack a features file (others are skipped)"
+        0.1,
+        ge=0,
+        le=1,
+        description="fail when more slides than this lack a features file (others are skipped)",
     )
 
 
@@ -159,14 +164,23 @@ class CouplingConfig(_Section):
     per_slide_confidence: bool = Field(False, description="normalise attention per slide (improvement)")
     stain_augment: bool = Field(False, description="HED/colour jitter on the student view (improvement)")
     stain_sigma: float = Field(0.05, ge=0, le=1, description="HED optical-density jitter strength")
-    color_jitter: float = Field(0.1, ge=0, le=1, description="brightness/contrast/saturation jitter (stain_augment)")
-    balanced_positive_fraction: float = Field(0.5, gt=0, lt=1, description="share of teacher-positive patches")
-    negative_class_index: int = Field(0, ge=0, description="label index of the negative class (hard negatives)")
+    color_jitter: float = Field(
+        0.1, ge=0, le=1, description="brightness/contrast/saturation jitter (stain_augment)"
+    )
+    balanced_positive_fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of teacher-positive patches"
+    )
+    negative_class_index: int = Field(
+        0, ge=0, description="label index of the negative class (hard negatives)"
+    )
     patience: int | None = Field(None, ge=1, description="stop after this many evals without val improvement")
     eval_max_patches: int | None = Field(
         None, ge=1, description="cap on patches per val slide when re-embedding for selection (None: all)"
     )
     device: str = Field("auto", description="auto: cuda if available, else cpu")
+    initial_bn_calibration: int = Field(
+        0, ge=0, description="round-0 encoder: re-estimate BatchNorm statistics on this many training patches"
+    )
     amp: bool = True
     channels_last: bool = True
     num_workers: int = Field(2, ge=0)
@@ -221,7 +235,9 @@ class TuningConfig(_Section):
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_startup_trials: int = Field(2, ge=0, description="median pruner: trials finished before pruning")
-    pruner_warmup_epochs: int = Field(2, ge=0, description="epochs a trial always gets before it can be pruned")
+    pruner_warmup_epochs: int = Field(
+        2, ge=0, description="epochs a trial always gets before it can be pruned"
+    )
     epochs: int = Field(30, ge=1, description="bag-head epochs per trial")
     heartbeat_interval: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
     heartbeat_grace_period: int | None = Field(
@@ -245,6 +261,13 @@ class TuningConfig(_Section):
     )
 
 
+GpuStage = Literal["embed", "finetune", "tune", "train", "evaluate"]
+
+
+def _default_gpu_stages() -> list[GpuStage]:
+    return ["embed", "finetune", "tune"]
+
+
 class PipelineConfig(_Section):
     """Kubeflow placement. Ignored by the local runner."""
 
@@ -264,8 +287,8 @@ class PipelineConfig(_Section):
     cpu_request: str = "2"
     memory_request: str = "8G"
     gpu_memory_request: str = "32G"
-    gpu_stages: list[Literal["embed", "finetune", "tune", "train", "evaluate"]] = Field(
-        default_factory=lambda: ["embed", "finetune", "tune"],
+    gpu_stages: list[GpuStage] = Field(
+        default_factory=_default_gpu_stages,
         description="stages that get the GPU placement (accelerator, node selector, tolerations)",
     )
     enable_caching: bool = Field(True, description="KFP cache for the content-addressed steps (tile, embed)")
