@@ -339,6 +339,10 @@ def _score_model(
     return float(value)
 
 
+class _DryRunDone(Exception):
+    """Internal: a dry run reached its decision."""
+
+
 def promote(
     name: str,
     metric: str = "auc",
@@ -351,19 +355,23 @@ def promote(
     *,
     on_data_mismatch: str = "reevaluate",
     retry: RetryPolicy | None = None,
+    dry_run: bool = False,
 ) -> PromotionResult:
     """Move alias ``champion`` of ``name`` to the ``challenger`` version if it wins; else raise.
 
     ``target_registry_uri`` promotes into another registry (dev -> prod): the version is created there from
     the same artifact source, with the lineage tags, and gets ``champion`` there (compared with that
     registry's champion). Raises :class:`~icmil.errors.PromotionRejected` (aliases untouched, the reason
-    tagged on the challenger) when the challenger loses, ties, misses the floor or cannot be compared.
+    tagged on the challenger, the :class:`PromotionResult` as ``err.result``) when the challenger loses,
+    ties, misses the floor or cannot be compared.
+
+    ``dry_run`` decides without changing anything and never raises :class:`PromotionRejected`: the result's
+    ``promoted`` says whether the challenger would win. When the data differ it does not re-score (that is
+    the real gate's job): it answers ``promoted=True`` with a reason saying the gate will re-score both.
 
     Example:
         >>> promote("icmil-slide-classifier", metric="auc", split="test", margin=0.01, floor=0.7)  # doctest: +SKIP
     """
-    from mlflow.exceptions import MlflowException
-
     if on_data_mismatch not in ("reevaluate", "refuse"):
         raise TrackingError(f"on_data_mismatch must be 'reevaluate' or 'refuse', not {on_data_mismatch!r}")
     policy = retry or RetryPolicy()
@@ -379,8 +387,6 @@ def promote(
             "(the pipeline's register step, or icmil.tracking.register_challenger)"
         )
     champion = policy.call(lambda: _version_by_alias(target, name, CHAMPION), f"read {name}@{CHAMPION}")
-    chal_value = _metric_value(challenger, split, metric)
-    champ_value = _metric_value(champion, split, metric) if champion is not None else None
     result = PromotionResult(
         name=name,
         promoted=False,
@@ -388,104 +394,31 @@ def promote(
         metric=metric,
         split=split,
         challenger_version=str(challenger.version),
-        challenger_value=chal_value,
+        challenger_value=_metric_value(challenger, split, metric),
         champion_version=str(champion.version) if champion is not None else None,
-        champion_value=champ_value,
+        champion_value=_metric_value(champion, split, metric) if champion is not None else None,
         margin=margin,
         floor=floor,
         registry_uri=dst_where,
     )
-    label = f"{split} {metric}"
-
-    def reject(reason: str) -> PromotionResult:
-        result.reason = reason
-        _record(source, policy, name, challenger, result)
-        log.warning("not promoting %s v%s: %s", name, challenger.version, reason)
-        err = PromotionRejected(f"{name} v{challenger.version}: {reason}")
-        err.result = result  # type: ignore[attr-defined]
-        raise err
-
-    if chal_value is None:
-        reject(f"the challenger has no {label} (tag {metric_tag(split, metric)}): register it with metrics")
-    assert chal_value is not None
-    same_version = champion is not None and not cross and str(champion.version) == str(challenger.version)
-    if same_version or (champion is not None and _same_origin(champion, challenger, src_where)):
-        result.promoted, result.reason = True, "the challenger already is the champion; nothing to do"
-        result.target_version = str(champion.version) if champion is not None else None
+    gate = _Gate(result, source, target, challenger, champion, on_data_mismatch, dry_run)
+    try:
+        if gate.already_champion(cross, src_where):
+            return result
+        gate.decide()
+    except _DryRunDone:
         return result
-
-    if champion is None:
-        if not _meets_floor(chal_value, floor, metric):
-            reject(
-                f"no champion yet and the challenger's {label} {chal_value:.4f} is below the floor {floor:.4f}"
-            )
-        result.reason = f"no champion yet; challenger {label} {chal_value:.4f} meets the floor {floor:.4f}"
-    else:
-        chal_digest = (challenger.tags or {}).get(digest_tag(split))
-        champ_digest = (champion.tags or {}).get(digest_tag(split))
-        if chal_digest is None or champ_digest is None or chal_digest != champ_digest or champ_value is None:
-            why = (
-                "the evaluation data differ"
-                if chal_digest and champ_digest and chal_digest != champ_digest
-                else "the champion has no comparable record"
-            )
-            why += f" (challenger {chal_digest or 'no digest'}, champion {champ_digest or 'no digest'})"
-            if on_data_mismatch == "refuse":
-                reject(f"cannot compare {label}: {why}; on_data_mismatch=refuse")
-            table_uri = (challenger.tags or {}).get(table_tag(split))
-            if not table_uri:
-                reject(
-                    f"cannot compare {label}: {why}, and the challenger has no evaluation table to re-score on"
-                )
-            assert table_uri is not None
-            try:
-                with tempfile.TemporaryDirectory(prefix="icmil-reeval-") as tmp:
-                    table = _read_eval_table(source, table_uri)
-                    tu, su = _tracking_of(source), _registry_of(source)
-                    chal_value = _score_model(
-                        f"models:/{name}/{challenger.version}", table, metric, tu, su, Path(tmp)
-                    )
-                    champ_value = _score_model(
-                        f"models:/{name}/{champion.version}",
-                        table,
-                        metric,
-                        tu,
-                        _registry_of(target),
-                        Path(tmp),
-                    )
-            except (TrackingError, MlflowException, OSError) as err:
-                reject(
-                    f"cannot compare {label}: {why}, and re-scoring on the challenger's table failed: {err}"
-                )
-            assert chal_value is not None and champ_value is not None
-            result.challenger_value, result.champion_value, result.reevaluated = chal_value, champ_value, True
-            label += f" (both re-scored on the challenger's {len(table)} slides, {chal_digest})"
-        if not _meets_floor(chal_value, floor, metric):
-            reject(f"challenger {label} {chal_value:.4f} is below the floor {floor:.4f}")
-        if not _beats(chal_value, champ_value, margin, metric):
-            verb = "ties" if chal_value == champ_value else "does not beat"
-            reject(
-                f"challenger {label} {chal_value:.4f} {verb} champion v{champion.version} {champ_value:.4f} "
-                f"by more than the margin {margin:.4f}"
-            )
-        result.reason = (
-            f"challenger {label} {chal_value:.4f} beats champion v{champion.version} {champ_value:.4f} "
-            f"by more than the margin {margin:.4f}"
-        )
+    except PromotionRejected:
+        _record(source, policy, name, challenger, result)
+        log.warning("not promoting %s v%s: %s", name, challenger.version, result.reason)
+        raise
+    if dry_run:
+        result.promoted = True
+        return result
 
     # Win: move the alias (creating the version in the target registry first when promoting across).
     if cross:
-        art = absolute_source(str(challenger.source), _tracking_of(source))
-        tags = {
-            **(challenger.tags or {}),
-            TAG_PROMOTED_FROM: f"{src_where}#{name}/{challenger.version}",
-        }
-        policy.call(lambda: _ensure_registered_model(target, name), f"create {name!r} at {dst_where}")
-        created = policy.call(
-            lambda: target.create_model_version(name, source=art, tags=tags),
-            f"create a version of {name!r} at {dst_where}",
-        )
-        result.target_version = str(created.version)
+        result.target_version = _create_in_target(source, target, challenger, policy, src_where, dst_where)
     else:
         result.target_version = str(challenger.version)
     target_version = result.target_version
@@ -499,6 +432,198 @@ def promote(
         _record(target, policy, name, None, result, version=target_version)
     log.info("promoted %s v%s to %s in %s: %s", name, challenger.version, CHAMPION, dst_where, result.reason)
     return result
+
+
+@dataclass
+class _Gate:
+    """The comparison itself; raises PromotionRejected (or _DryRunDone) with the reason in ``result``."""
+
+    result: PromotionResult
+    source: MlflowClient
+    target: MlflowClient
+    challenger: ModelVersion
+    champion: ModelVersion | None
+    on_data_mismatch: str
+    dry_run: bool
+
+    def reject(self, reason: str) -> None:
+        self.result.reason = reason
+        if self.dry_run:
+            raise _DryRunDone
+        err = PromotionRejected(f"{self.result.name} v{self.challenger.version}: {reason}")
+        err.result = self.result  # type: ignore[attr-defined]
+        raise err
+
+    def already_champion(self, cross: bool, src_where: str) -> bool:
+        champ = self.champion
+        if champ is None:
+            return False
+        same = (not cross and str(champ.version) == str(self.challenger.version)) or _same_origin(
+            champ, self.challenger, src_where
+        )
+        if same:
+            self.result.promoted = True
+            self.result.reason = "the challenger already is the champion; nothing to do"
+            self.result.target_version = str(champ.version)
+        return same
+
+    def decide(self) -> None:
+        r = self.result
+        metric, split, label = r.metric, r.split, f"{r.split} {r.metric}"
+        chal = r.challenger_value
+        if chal is None:
+            self.reject(
+                f"the challenger has no {label} (tag {metric_tag(split, metric)}): register it with metrics"
+            )
+        assert chal is not None
+        champion = self.champion
+        if champion is None:
+            if not _meets_floor(chal, r.floor, metric):
+                self.reject(
+                    f"no champion yet and the challenger's {label} {chal:.4f} is below the floor {r.floor:.4f}"
+                )
+            r.reason = f"no champion yet; challenger {label} {chal:.4f} meets the floor {r.floor:.4f}"
+            return
+        chal_digest = (self.challenger.tags or {}).get(digest_tag(split))
+        champ_digest = (champion.tags or {}).get(digest_tag(split))
+        champ = r.champion_value
+        if chal_digest is None or champ_digest is None or chal_digest != champ_digest or champ is None:
+            chal, champ, label = self._rescore(chal_digest, champ_digest, label)
+        if not _meets_floor(chal, r.floor, metric):
+            self.reject(f"challenger {label} {chal:.4f} is below the floor {r.floor:.4f}")
+        if not _beats(chal, champ, r.margin, metric):
+            verb = "ties" if chal == champ else "does not beat"
+            self.reject(
+                f"challenger {label} {chal:.4f} {verb} champion v{champion.version} {champ:.4f} "
+                f"by more than the margin {r.margin:.4f}"
+            )
+        r.reason = (
+            f"challenger {label} {chal:.4f} beats champion v{champion.version} {champ:.4f} "
+            f"by more than the margin {r.margin:.4f}"
+        )
+
+    def _rescore(
+        self, chal_digest: str | None, champ_digest: str | None, label: str
+    ) -> tuple[float, float, str]:
+        """Both models scored on the challenger's evaluation table (the stored metrics are not comparable)."""
+        from mlflow.exceptions import MlflowException
+
+        r, champion = self.result, self.champion
+        assert champion is not None
+        why = (
+            "the evaluation data differ"
+            if chal_digest and champ_digest and chal_digest != champ_digest
+            else "the champion has no comparable record"
+        )
+        why += f" (challenger {chal_digest or 'no digest'}, champion {champ_digest or 'no digest'})"
+        if self.on_data_mismatch == "refuse":
+            self.reject(f"cannot compare {label}: {why}; on_data_mismatch=refuse")
+        table_uri = (self.challenger.tags or {}).get(table_tag(r.split))
+        if not table_uri:
+            self.reject(
+                f"cannot compare {label}: {why}, and the challenger has no evaluation table to re-score on"
+            )
+        assert table_uri is not None
+        if self.dry_run:
+            r.promoted, r.reason = (
+                True,
+                f"{why}: the gate will re-score both models on the challenger's table",
+            )
+            raise _DryRunDone
+        try:
+            with tempfile.TemporaryDirectory(prefix="icmil-reeval-") as tmp:
+                table = _read_eval_table(self.source, table_uri)
+                tu = _tracking_of(self.source)
+                chal = _score_model(
+                    f"models:/{r.name}/{self.challenger.version}",
+                    table,
+                    r.metric,
+                    tu,
+                    _registry_of(self.source),
+                    Path(tmp) / "challenger",
+                )
+                champ = _score_model(
+                    f"models:/{r.name}/{champion.version}",
+                    table,
+                    r.metric,
+                    tu,
+                    _registry_of(self.target),
+                    Path(tmp) / "champion",
+                )
+        except (TrackingError, MlflowException, OSError) as err:
+            self.reject(
+                f"cannot compare {label}: {why}, and re-scoring on the challenger's table failed: {err}"
+            )
+            raise AssertionError("unreachable") from err
+        r.challenger_value, r.champion_value, r.reevaluated = chal, champ, True
+        return chal, champ, f"{label} (both re-scored on the challenger's {len(table)} slides, {chal_digest})"
+
+
+def _create_in_target(
+    source: MlflowClient,
+    target: MlflowClient,
+    challenger: ModelVersion,
+    policy: RetryPolicy,
+    src_where: str,
+    dst_where: str,
+) -> str:
+    """Create the challenger's version in another registry from the same artifact source; return it.
+
+    A tracking server refuses local ``file://`` sources (it cannot read this machine's disk): then, and
+    only then, the model is uploaded to the target server first (experiment ``<name>-promotions``).
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = challenger.name
+    art = absolute_source(str(challenger.source), _tracking_of(source))
+    tags = {**(challenger.tags or {}), TAG_PROMOTED_FROM: f"{src_where}#{name}/{challenger.version}"}
+    policy.call(lambda: _ensure_registered_model(target, name), f"create {name!r} at {dst_where}")
+    try:
+        created = policy.call(
+            lambda: target.create_model_version(name, source=art, tags=tags),
+            f"create a version of {name!r} at {dst_where}",
+        )
+        return str(created.version)
+    except TrackingError as err:
+        cause = err.__cause__
+        refused = isinstance(cause, MlflowException) and cause.error_code == "INVALID_PARAMETER_VALUE"
+        if not (refused and art.startswith("file:")):
+            raise
+    return _upload_and_create(target, name, art, tags, policy, dst_where)
+
+
+def _upload_and_create(
+    target: MlflowClient,
+    name: str,
+    local_source: str,
+    tags: dict[str, str],
+    policy: RetryPolicy,
+    dst_where: str,
+) -> str:
+    from urllib.parse import unquote
+
+    from mlflow import MlflowClient
+
+    from icmil.tracking.mlflow_tracker import get_or_create_experiment
+
+    # The upload goes to the target SERVER's tracking side (``target`` tracks into the source store).
+    registry = _registry_of(target)
+    target = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    exp_id = policy.call(
+        lambda: get_or_create_experiment(target, f"{name}-promotions", registry), f"experiment at {dst_where}"
+    )
+    run = policy.call(lambda: target.create_run(exp_id, run_name=f"promote-{name}"), f"run at {dst_where}")
+    run_id = str(run.info.run_id)
+    folder = unquote(urlsplit(local_source).path)
+    policy.call(lambda: target.log_artifacts(run_id, folder, "slide_classifier"), f"upload to {dst_where}")
+    policy.call(lambda: target.set_terminated(run_id), f"end run at {dst_where}")
+    src = resolve_artifact_source(target, f"runs:/{run_id}/slide_classifier")
+    created = policy.call(
+        lambda: target.create_model_version(name, source=src, run_id=run_id, tags=tags),
+        f"create a version of {name!r} at {dst_where}",
+    )
+    log.info("%s had a local source; uploaded it to %s (run %s)", name, dst_where, run_id)
+    return str(created.version)
 
 
 def _same_origin(champion: ModelVersion, challenger: ModelVersion, src_where: str) -> bool:

@@ -137,13 +137,17 @@ def test_first_version_needs_the_floor_then_wins_loses_and_ties(store: Store) ->
     # Promoting again is a no-op, not an error.
     assert _gate(store, name).reason.startswith("the challenger already is the champion")
 
-    # Better by more than the margin: champion moves.
+    # Better by more than the margin: champion moves. A dry run first: same decision, nothing changes.
     v3 = _register(store, name, 1, auc=0.80)
+    preview = _gate(store, name, dry_run=True)
+    assert preview.promoted and "beats champion" in preview.reason and _alias(client, name, CHAMPION) == v2
+    assert TAG_PROMOTION not in client.get_model_version(name, v3).tags
     result = _gate(store, name)
     assert result.promoted and result.champion_version == v2 and _alias(client, name, CHAMPION) == v3
 
-    # Better, but not by more than the margin: rejected.
+    # Better, but not by more than the margin: rejected (a dry run says so without raising).
     v4 = _register(store, name, 0, auc=0.81)
+    assert not _gate(store, name, dry_run=True).promoted
     with pytest.raises(PromotionRejected, match="does not beat"):
         _gate(store, name)
     # A tie keeps the champion, even with margin 0.
@@ -173,6 +177,7 @@ def test_different_evaluation_data_refused_or_reevaluated(store: Store, tmp_path
 
     with pytest.raises(PromotionRejected, match="evaluation data differ"):
         _gate(store, name, on_data_mismatch="refuse")
+    assert "re-score both" in _gate(store, name, dry_run=True).reason
     assert _alias(client, name, CHAMPION) == champion
 
     # Re-evaluation scores both models on the challenger's table with the real model code.

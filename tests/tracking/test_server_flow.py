@@ -120,3 +120,29 @@ def test_full_flow_on_postgres_and_s3(  # type: ignore[no-untyped-def]
         f"models:/{name}/{v3}", slide, tmp_path / "pred", tracking_uri=mlflow_server.url, heatmaps=False
     )
     assert on_prod.loc[0, "prob_tumor"] == pytest.approx(on_dev.loc[0, "prob_tumor"], rel=1e-5)
+
+
+def test_promotion_from_a_local_registry_into_the_server(  # type: ignore[no-untyped-def]
+    mlflow_server, tiny_model_parts: dict[str, Path], tmp_path: Path
+) -> None:
+    """dev on a laptop (sqlite, file:// artifacts) -> prod server: the server cannot read local files, so the
+    model is uploaded to it; the version there loads from the server alone."""
+    p = tiny_model_parts
+    cfg = make_cfg(tmp_path / "dev")
+    dev = str(cfg.run_dir / "mlflow.db")
+    dev_uri = f"sqlite:///{dev}"
+    parent = start_parent_run(cfg)
+    model_uri = log_slide_classifier(
+        p["encoder"], p["head0"], cfg.tiling, CLASSES, run_id=parent, tracking_uri=dev_uri
+    )
+    register_challenger(model_uri, "laptop-model", metrics={"test": {"auc": 0.75}}, tracking_uri=dev_uri)
+    result = promote(
+        "laptop-model", "auc", "test", 0.0, 0.6, tracking_uri=dev_uri, target_registry_uri=mlflow_server.url
+    )
+    assert result.promoted
+    mv = MlflowClient(mlflow_server.url).get_model_version_by_alias("laptop-model", CHAMPION)
+    assert mv.source.startswith("mlflow-artifacts:/") and mv.tags["icmil.metric.test.auc"] == "0.75"
+    from icmil.tracking.slide_classifier import open_slide_classifier
+
+    with open_slide_classifier("models:/laptop-model@champion", tracking_uri=mlflow_server.url) as model:
+        assert model.metadata.metadata["icmil"]["classes"] == CLASSES
