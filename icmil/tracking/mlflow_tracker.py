@@ -71,6 +71,15 @@ def child_run_name(name: str, round_index: int | None = None) -> str:
     return name if round_index is None else f"round{round_index}/{name}"
 
 
+def safe_key(key: Any) -> str:
+    """A metric/param/tag name MLflow accepts (letters, digits, ``_ - . / : space``); others become ``_``.
+
+    >>> safe_key("auc[test]")
+    'auc_test_'
+    """
+    return re.sub(r"[^\w\-. /:]", "_", str(key))[:250]
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -166,15 +175,17 @@ class MlflowStageRun:
         self._offline_since: float | None = None
         self._last_probe = 0.0
         self._outage: TrackingError | None = None
+        # Calls MLflow rejected on their merits (not an outage): reported when the stage ends, never replayed.
+        self._errors: list[str] = []
 
     # StageRun protocol ------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         from icmil.tracking.uris import flatten_params
 
-        self._submit({"op": "params", "params": flatten_params(params)})
+        self._submit({"op": "params", "params": {safe_key(k): v for k, v in flatten_params(params).items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        values = {str(k): float(v) for k, v in metrics.items()}
+        values = {safe_key(k): float(v) for k, v in metrics.items()}
         self._submit({"op": "metrics", "metrics": values, "step": int(step or 0), "ts": _now_ms()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -182,7 +193,7 @@ class MlflowStageRun:
         self._submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._submit({"op": "tags", "tags": {str(k): str(v) for k, v in tags.items()}})
+        self._submit({"op": "tags", "tags": {safe_key(k): str(v) for k, v in tags.items()}})
 
     # internals ----------------------------------------------------------------------
     @property
@@ -227,10 +238,16 @@ class MlflowStageRun:
             self.tracker.retry.call(lambda: self._apply(op), self._describe(op))
         except TrackingError as err:
             if not is_transient(err.__cause__ or err):
-                raise
+                self._reject(err)
+                return
             self._go_offline(err)
             self._pending.append(op)
             self._spool_live()
+
+    def _reject(self, err: TrackingError) -> None:
+        # Never raised mid-stage: a logging call must not abort training. The stage's end reports it.
+        self._errors.append(str(err))
+        log.error("stage %r: %s (reported when the stage ends)", self.run_name, err)
 
     def _go_offline(self, err: TrackingError) -> None:
         self._offline_since = time.monotonic()
@@ -253,10 +270,10 @@ class MlflowStageRun:
                     functools.partial(self._apply, op), self._describe(op), attempts=attempts
                 )
             except TrackingError as err:
-                if not is_transient(err.__cause__ or err):
-                    raise
-                self._outage = err
-                return False
+                if is_transient(err.__cause__ or err):
+                    self._outage = err
+                    return False
+                self._reject(err)
             self._pending.pop(0)
         if self.offline:
             log.info("tracking reachable again; stage %r caught up", self.run_name)
@@ -319,6 +336,12 @@ class MlflowTracker:
         if not run._flush():
             run._go_offline(run._outage or TrackingError("tracking unreachable"))
             run._spool_live()
+        elif not run.run_id:
+            # Nothing has run yet, so failing here costs nothing (e.g. a parent run id from another server).
+            raise TrackingError(
+                f"stage {run_name!r}: cannot open its child run under parent {self.parent_run_id} at "
+                f"{redact_uri(self.tracking_uri)}: {'; '.join(run._errors)}"
+            )
         failed: BaseException | None = None
         try:
             yield run
@@ -333,13 +356,20 @@ class MlflowTracker:
             )
             run._pending.append({"op": "end", "status": status, "ts": _now_ms()})
             run._offline_since = None  # the final flush gets the full retry policy
+            problems = []
             if not run._flush():
                 self.write_spool(run, live=False)
+                problems.append(
+                    f"tracking at {redact_uri(self.tracking_uri)} failed ({run._outage}); "
+                    f"{len(run._pending)} tracking call(s) are kept in {self.spool_path(run_name)} and are "
+                    f"replayed by the next stage run under parent {self.parent_run_id} (rerun the same command)"
+                )
+            if run._errors:
+                problems.append(f"MLflow rejected {len(run._errors)} call(s): {'; '.join(run._errors)}")
+            if problems:
                 message = (
-                    f"stage {run_name!r}: tracking at {redact_uri(self.tracking_uri)} failed ({run._outage}); "
-                    f"the stage's outputs are complete on disk, {len(run._pending)} tracking call(s) are kept "
-                    f"in {self.spool_path(run_name)} and are replayed by the next stage run under parent "
-                    f"{self.parent_run_id} (rerun the same command to resume)"
+                    f"stage {run_name!r}: the stage's outputs are complete on disk, but "
+                    + " and ".join(problems)
                 )
                 if failed is None:
                     raise TrackingError(message) from run._outage
@@ -356,6 +386,8 @@ class MlflowTracker:
                 f"parent run {self.parent_run_id}: tracking at {redact_uri(self.tracking_uri)} failed "
                 f"({run._outage}); {len(run._pending)} call(s) were not recorded"
             )
+        if run._errors:
+            raise TrackingError(f"parent run {self.parent_run_id}: MLflow rejected {'; '.join(run._errors)}")
 
     # child runs ----------------------------------------------------------------------------
     @property

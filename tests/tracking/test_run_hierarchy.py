@@ -115,3 +115,27 @@ def test_failed_stage_is_marked_failed(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     client = MlflowClient(resolve_tracking_uri(cfg))
     assert client.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_rejected_call_does_not_abort_the_stage(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "run")
+    tracker = tracker_for(cfg, start_parent_run(cfg))
+    reached = False
+    with pytest.raises(TrackingError, match="does not exist"), tracker.stage("train", 0) as run:
+        run.log_artifact(tmp_path / "never-written.png")  # MLflow-side error, not an outage
+        run.log_metrics({"val auc [test]": 0.7}, step=0)  # unusual characters are made legal
+        reached = True
+    assert reached
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    assert client.get_run(run.run_id).data.metrics == {"val auc _test_": 0.7}
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_parent_of_another_server_fails_before_the_stage_runs(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "run")
+    start_parent_run(cfg)
+    with (
+        pytest.raises(TrackingError, match="cannot open its child run"),
+        tracker_for(cfg, "f" * 32).stage("x"),
+    ):
+        raise AssertionError("the stage body must not run")
