@@ -20,15 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icmil.config import dump_config
+from icmil.errors import ConfigError
 from icmil.log import get_logger
 from icmil.tracking.base import NullTracker, StageTracker
 from icmil.tracking.uris import redact_uri
+from icmil.tuning.objective import TARGETS
 from icmil.tuning.report import BEST_PARAMS_FILE, write_best_params, write_plots, write_trials_csv
 from icmil.tuning.space import validate_space
 from icmil.tuning.storage import _quiet_experimental, resolve_storage
 from icmil.tuning.study import (
     ATTR_N_TRIALS,
     ATTR_ROUND,
+    ATTR_TARGET,
     ATTR_TUNE_RUN,
     OBJECTIVE,
     best_params_of,
@@ -47,9 +50,15 @@ log = get_logger("tuning")
 TUNE_STAGE = "tune"
 
 
+def tune_stage_name(target: str) -> str:
+    """MLflow child-run name of a round's study: ``tune`` (bag head) or ``tune-coupling`` (stage 2)."""
+    return TUNE_STAGE if target == "mil" else f"{TUNE_STAGE}-{target}"
+
+
 @dataclass(frozen=True)
 class TuneResult:
-    """The outcome of one round's study. ``best_params`` override MILConfig fields in the training step."""
+    """The outcome of one round's study. ``best_params`` override MILConfig fields in the training step
+    (``target="mil"``) or the stage-2 settings (``target="coupling"``, via ``apply_params``)."""
 
     best_params: dict[str, Any]
     best_value: float
@@ -57,6 +66,7 @@ class TuneResult:
     n_pruned: int
     n_failed: int = 0
     study_name: str = ""
+    target: str = "mil"
     best_trial: int = -1
     best_params_path: Path | None = None
     plots: list[Path] = field(default_factory=list)
@@ -82,25 +92,36 @@ def prepare_tuning(
     n_trials: int | None = None,
     storage: str | None = None,
     tracker: StageTracker | None = None,
+    target: str = "mil",
 ) -> str:
-    """Create (or load) the study, store its budget and the round's MLflow ``tune`` run id in it; return its name.
+    """Create (or load) the study, store its budget, target and the round's MLflow ``tune`` run id; return its name.
 
-    Doing this once before the workers start means they agree on the budget and nest their trial runs under
-    one ``round<r>/tune`` run instead of racing to create it.
+    Doing this once before the workers start means they agree on the budget and the target and nest their trial
+    runs under one ``round<r>/tune`` run instead of racing to create it.
     """
-    validate_space(cfg.tuning.mil_space, "mil")
+    if target not in TARGETS:
+        raise ConfigError(f"unknown tuning target {target!r} (choose from {', '.join(TARGETS)})")
+    validate_space(cfg.tuning.mil_space if target == "mil" else cfg.tuning.coupling_space, target)
     url = resolve_storage(cfg, storage)
-    study = create_study(cfg, study_name, url)
+    study = create_study(cfg, study_name, url, target=target)
+    if study.user_attrs.get(ATTR_TARGET) != target:
+        raise ConfigError(
+            f"study {study_name!r} already tunes {study.user_attrs.get(ATTR_TARGET)!r}, not {target!r}: "
+            "use another study name"
+        )
     budget = int(n_trials or cfg.tuning.n_trials)
     previous = study.user_attrs.get(ATTR_N_TRIALS)
     if previous is not None and int(previous) != budget:
         log.info("study %s: budget changes from %s to %d trials", study_name, previous, budget)
     study.set_user_attr(ATTR_N_TRIALS, budget)
     study.set_user_attr(ATTR_ROUND, round_index)
-    with (tracker or NullTracker()).stage(TUNE_STAGE, round_index, tags={"icmil.study": study_name}) as run:
+    stage = tune_stage_name(target)
+    with (tracker or NullTracker()).stage(stage, round_index, tags={"icmil.study": study_name}) as run:
         if run.run_id:
             study.set_user_attr(ATTR_TUNE_RUN, run.run_id)
-        run.log_params({"study": study_name, "n_trials": budget, "trial_epochs": cfg.tuning.epochs})
+        run.log_params(
+            {"study": study_name, "target": target, "n_trials": budget, "trial_epochs": cfg.tuning.epochs}
+        )
         run.log_params(
             {"pruner": cfg.tuning.pruner, "sampler": cfg.tuning.sampler, "storage": redact_uri(url)}
         )
@@ -128,12 +149,14 @@ def finish_tuning(
     study = create_study(cfg, study_name, url)
     with _quiet_experimental():
         optuna.storages.fail_stale_trials(study)  # a worker that died after the others finished
+    target = str(study.user_attrs.get(ATTR_TARGET, "mil"))
     counts = trial_counts(study)
     params = best_params_of(study)
     best = study.best_trial
     assert best.value is not None  # a COMPLETE trial always has a value
     summary = {
         "study": study_name,
+        "target": target,
         "round": round_index,
         "objective": OBJECTIVE,
         "direction": "maximize",
@@ -148,7 +171,8 @@ def finish_tuning(
     trials_csv = write_trials_csv(study, out / "trials.csv")
     plots = write_plots(study, out)
     dump_config(cfg, out)
-    with (tracker or NullTracker()).stage(TUNE_STAGE, round_index, tags={"icmil.study": study_name}) as run:
+    stage = tune_stage_name(target)
+    with (tracker or NullTracker()).stage(stage, round_index, tags={"icmil.study": study_name}) as run:
         run.log_params({f"best.{k}": v for k, v in params.items()})
         run.log_metrics(
             {
@@ -178,6 +202,7 @@ def finish_tuning(
         n_pruned=counts["pruned"],
         n_failed=counts["fail"],
         study_name=study_name,
+        target=target,
         best_trial=best.number,
         best_params_path=path,
         plots=plots,
@@ -187,15 +212,25 @@ def finish_tuning(
 def tune_round(
     cfg: ICMILConfig,
     manifest_csv: str | os.PathLike[str],
-    features_dir: str | os.PathLike[str],
+    features_dir: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     round_index: int = 0,
     study_name: str | None = None,
     n_trials: int | None = None,
     tracker: StageTracker | None = None,
     storage: str | None = None,
+    *,
+    target: str = "mil",
+    tiles_dir: str | os.PathLike[str] | None = None,
+    head_dir: str | os.PathLike[str] | None = None,
+    encoder_dir: str | os.PathLike[str] | None = None,
 ) -> TuneResult:
-    """Tune round ``round_index``'s bag head on ``features_dir``: prepare, run trials here, finish.
+    """Tune round ``round_index``: prepare the study, run its trials here, finish.
+
+    ``target="mil"`` (default) tunes the bag head on ``features_dir``; ``target="coupling"`` tunes stage 2
+    (teacher = ``encoder_dir`` (None: the initial encoder) + ``head_dir``, patches from ``tiles_dir``,
+    ``features_dir`` = that encoder's features) and its ``best_params.json`` feeds
+    ``apply_params(cfg, params, target="coupling")`` before the round's fine-tuning stage.
 
     ``study_name`` defaults to :func:`~icmil.tuning.study.study_name_for` (run folder + round); ``n_trials`` to
     ``tuning.n_trials``; ``storage`` to :func:`~icmil.tuning.storage.resolve_storage`. Rerunning resumes the
@@ -203,8 +238,8 @@ def tune_round(
     ``params`` override MILConfig fields in the round's training step), ``trials.csv``, plots, and
     ``trials/trial_<n>/`` (each trial's training output).
     """
-    name = study_name or study_name_for(cfg, round_index)
-    prepare_tuning(cfg, name, round_index, n_trials=n_trials, storage=storage, tracker=tracker)
+    name = study_name or study_name_for(cfg, round_index, target=target)
+    prepare_tuning(cfg, name, round_index, n_trials=n_trials, storage=storage, tracker=tracker, target=target)
     run_tuning_worker(
         cfg,
         manifest_csv,
@@ -215,5 +250,9 @@ def tune_round(
         n_trials=n_trials,
         storage=storage,
         tracker=tracker,
+        target=target,
+        tiles_dir=tiles_dir,
+        head_dir=head_dir,
+        encoder_dir=encoder_dir,
     )
     return finish_tuning(cfg, out_dir, name, round_index, storage=storage, tracker=tracker)

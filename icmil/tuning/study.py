@@ -28,6 +28,7 @@ ATTR_N_TRIALS = "icmil.n_trials"
 ATTR_ROUND = "icmil.round"
 ATTR_TUNE_RUN = "icmil.tune_run_id"
 ATTR_OBJECTIVE = "icmil.objective"
+ATTR_TARGET = "icmil.target"
 OBJECTIVE = "val_auc"
 
 
@@ -35,13 +36,17 @@ class NoCompletedTrial(ICMILError):
     """A study has no completed trial, so it has no best parameters."""
 
 
-def study_name_for(cfg: ICMILConfig, round_index: int, run_key: str | None = None) -> str:
-    """``icmil-<run>-round<r>``: ``run_key`` is the pipeline run (KFP run id); default: the run folder."""
+def study_name_for(
+    cfg: ICMILConfig, round_index: int, run_key: str | None = None, target: str = "mil"
+) -> str:
+    """``icmil-<run>-round<r>`` (``-coupling`` appended for stage 2): ``run_key`` is the pipeline run (KFP run
+    id); default: the run folder."""
     if run_key is None:
         folder = Path(cfg.run_dir).resolve()
         run_key = f"{folder.name}-{text_digest(str(folder))[:8]}"
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_key).strip("-") or "run"
-    return f"icmil-{safe}-round{round_index}"
+    suffix = "" if target == "mil" else f"-{target}"
+    return f"icmil-{safe}-round{round_index}{suffix}"
 
 
 def _sampler(cfg: ICMILConfig, seed: int) -> optuna.samplers.BaseSampler:
@@ -55,7 +60,7 @@ def _sampler(cfg: ICMILConfig, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
-def _pruner(cfg: ICMILConfig) -> optuna.pruners.BasePruner:
+def _pruner(cfg: ICMILConfig, target: str) -> optuna.pruners.BasePruner:
     import optuna
 
     t = cfg.tuning
@@ -66,34 +71,49 @@ def _pruner(cfg: ICMILConfig) -> optuna.pruners.BasePruner:
             n_startup_trials=t.pruner_startup_trials, n_warmup_steps=t.pruner_warmup_epochs + 1
         )
     if t.pruner == "hyperband":
+        # Resource = epochs of a bag-head trial; for stage 2 the number of evaluations, learnt from the trials.
+        max_resource: int | str = t.epochs if target == "mil" else "auto"
         return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, t.pruner_warmup_epochs), max_resource=t.epochs, reduction_factor=3
+            min_resource=max(1, t.pruner_warmup_epochs), max_resource=max_resource, reduction_factor=3
         )
     return optuna.pruners.NopPruner()
 
 
 def create_study(
-    cfg: ICMILConfig, study_name: str, storage: str | None = None, seed: int | None = None
+    cfg: ICMILConfig,
+    study_name: str,
+    storage: str | None = None,
+    seed: int | None = None,
+    target: str | None = None,
 ) -> optuna.Study:
     """Create or load (``load_if_exists``) the study ``study_name``: maximise the validation AUC.
 
     ``storage``: a URL (default :func:`~icmil.tuning.storage.resolve_storage`). ``seed``: the sampler seed of
-    this process (default ``cfg.seed``; parallel workers pass distinct seeds). Sampler and pruner come from
-    ``cfg.tuning``; they live in the process, the trials in the storage.
+    this process (default ``cfg.seed``; parallel workers pass distinct seeds). ``target``: ``mil`` (default)
+    or ``coupling``, recorded on a new study. Sampler and pruner come from ``cfg.tuning``; they live in the
+    process, the trials in the storage.
     """
     import optuna
 
     url = resolve_storage(cfg, storage)
     rdb = open_storage(url, cfg)
+    try:
+        stored = rdb.get_study_user_attrs(rdb.get_study_id_from_name(study_name)).get(ATTR_TARGET)
+    except KeyError:  # a new study
+        stored = None
+    target = target or stored or "mil"
     study = optuna.create_study(
         study_name=study_name,
         storage=rdb,
         sampler=_sampler(cfg, cfg.seed if seed is None else seed),
-        pruner=_pruner(cfg),
+        pruner=_pruner(cfg, target),
         direction="maximize",
         load_if_exists=True,
     )
-    study.set_user_attr(ATTR_OBJECTIVE, OBJECTIVE)
+    if study.user_attrs.get(ATTR_OBJECTIVE) != OBJECTIVE:
+        study.set_user_attr(ATTR_OBJECTIVE, OBJECTIVE)
+    if ATTR_TARGET not in study.user_attrs:
+        study.set_user_attr(ATTR_TARGET, target)
     return study
 
 

@@ -6,37 +6,32 @@ than ``n_trials``; failed trials do not count, and a trial failed because its wo
 WAITING copy (same parameters) that the next free worker takes first. A worker with nothing left to take waits
 while other trials are still running, so a retry created after a crash is never left behind.
 
-Each trial trains a bag head for ``tuning.epochs`` epochs with the sampled settings; ``train_mil_head`` calls
-back after every epoch with the validation AUC, which is reported to the trial and may prune it. The trial's
-value is its best validation AUC (the test split is never read). Each trial is an MLflow run nested under the
-round's ``tune`` run.
+What a trial trains is an :mod:`~icmil.tuning.objective` (the bag head, or stage-2 fine-tuning); it reports
+validation AUCs as it goes (the pruner may stop it) and returns one; the test split is never read. Each trial
+is an MLflow run nested under the round's ``tune`` run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import shutil
 import threading
 import time
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icmil.errors import ICMILError
+from icmil.errors import ConfigError
 from icmil.log import get_logger
-from icmil.tracking.base import NullTracker, StageRun, StageTracker
-from icmil.tuning.space import apply_params, suggest, validate_space
+from icmil.tracking.base import NullTracker, StageTracker
+from icmil.tuning.objective import Objective, make_objective
 from icmil.tuning.storage import _quiet_experimental, resolve_storage, study_lock
-from icmil.tuning.study import ATTR_N_TRIALS, ATTR_TUNE_RUN, create_study
+from icmil.tuning.study import ATTR_N_TRIALS, ATTR_TARGET, ATTR_TUNE_RUN, create_study
 
 if TYPE_CHECKING:
     import optuna
 
     from icmil.config import ICMILConfig
-    from icmil.manifest import Manifest
 
 log = get_logger("tuning")
 
@@ -117,68 +112,6 @@ def _trial_tracker(tracker: StageTracker | None, tune_run_id: str | None) -> tup
     return tracker, False
 
 
-def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        with contextlib.suppress(TypeError, ValueError):
-            v = float(value)
-            if math.isfinite(v):
-                out[str(key)] = v
-    return out
-
-
-def _train_trial(
-    cfg: ICMILConfig,
-    manifest: Manifest,
-    features_dir: Path,
-    trial_dir: Path,
-    trial: optuna.Trial,
-    run: StageRun,
-) -> float:
-    """Train one bag head with the trial's settings; return its best validation AUC (prunes via TrialPruned)."""
-    import optuna
-
-    from icmil.mil import train_mil_head
-
-    params = suggest(trial, cfg.tuning.mil_space)
-    run.log_params({**params, "trial": trial.number, "epochs": cfg.tuning.epochs})
-    trial_cfg = apply_params(cfg, params)
-    patience = trial_cfg.mil.patience
-    mil = trial_cfg.mil.model_copy(
-        update={
-            "epochs": cfg.tuning.epochs,
-            "patience": None if patience is None else min(patience, cfg.tuning.epochs),
-            # Confidence intervals and heatmaps are for the round's final model, not for trials.
-            "bootstrap_samples": 0,
-            "max_heatmaps": 0,
-        }
-    )
-    best = -math.inf
-
-    def on_epoch(epoch: int, metrics: Mapping[str, Any]) -> None:
-        nonlocal best
-        values = _finite(metrics)
-        run.log_metrics(values, step=int(epoch))
-        if "val_auc" not in values:
-            return  # no score this epoch (e.g. a single-class validation split): nothing to prune on
-        best = max(best, values["val_auc"])
-        trial.report(values["val_auc"], int(epoch))
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"epoch {epoch}: val_auc {values['val_auc']:.4f} below the median")
-
-    try:
-        train_mil_head(manifest, features_dir, trial_dir, mil, epoch_callback=on_epoch)
-    finally:
-        # Trials are never resumed (a retry is a new trial in a new folder): drop the resumable state.
-        shutil.rmtree(trial_dir / "checkpoint", ignore_errors=True)
-    if best == -math.inf:
-        raise ICMILError(
-            f"trial {trial.number}: training reported no finite val_auc: the validation split needs slides of "
-            "every class (check the manifest's split column or val_fraction)"
-        )
-    return best
-
-
 def _tell(study: optuna.Study, trial: optuna.Trial, worker_id: int, **kwargs: Any) -> None:
     """Record the trial's end, unless another worker already failed it (it missed heartbeats, e.g. while the
     machine was overloaded): then its re-queued copy stands in for it and this result is dropped."""
@@ -193,11 +126,9 @@ def _tell(study: optuna.Study, trial: optuna.Trial, worker_id: int, **kwargs: An
 
 
 def _run_trial(
-    cfg: ICMILConfig,
     study: optuna.Study,
     trial: optuna.Trial,
-    manifest: Manifest,
-    features: Path,
+    objective: Objective,
     trials_dir: Path,
     trial_tracker: StageTracker,
     nested: bool,
@@ -220,7 +151,7 @@ def _run_trial(
     name = f"trial{number}" if nested else f"tune-trial{number}"
     with trial_tracker.stage(name, None if nested else round_index, tags=tags) as run:
         try:
-            value = _train_trial(cfg, manifest, features, trials_dir / f"trial_{number:04d}", trial, run)
+            value = objective(trial, run, trials_dir / f"trial_{number:04d}")
         except optuna.TrialPruned as pruned:
             _tell(study, trial, worker_id, state=TrialState.PRUNED)
             run.set_tags({"icmil.trial_state": "PRUNED"})
@@ -240,7 +171,7 @@ def _run_trial(
 def run_tuning_worker(
     cfg: ICMILConfig,
     manifest_csv: str | os.PathLike[str],
-    features_dir: str | os.PathLike[str],
+    features_dir: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     round_index: int,
     study_name: str,
@@ -248,12 +179,19 @@ def run_tuning_worker(
     storage: str | None = None,
     tracker: StageTracker | None = None,
     worker_id: int = 0,
+    *,
+    target: str | None = None,
+    tiles_dir: str | os.PathLike[str] | None = None,
+    head_dir: str | os.PathLike[str] | None = None,
+    encoder_dir: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run trials of ``study_name`` until the study's budget is spent; return how many this worker ran.
 
     ``n_trials``: total for the study (default: what :func:`~icmil.tuning.prepare_tuning` stored, else
-    ``tuning.n_trials``). ``worker_id`` seeds this worker's sampler differently from the others'.
-    Trial outputs go to ``out_dir/trials/trial_<number>/``.
+    ``tuning.n_trials``). ``worker_id`` seeds this worker's sampler differently from the others'. ``target``
+    (default: what prepare stored, else ``mil``): ``mil`` needs ``features_dir``; ``coupling`` needs
+    ``tiles_dir``, ``head_dir`` (the round's bag head), ``encoder_dir`` (None: the initial encoder) and uses
+    ``features_dir`` when given. Trial outputs go to ``out_dir/trials/trial_<number>/``.
 
     Example:
         >>> n = run_tuning_worker(cfg, "RUN/manifest.csv", "RUN/round_0/features", "RUN/round_0/tune",
@@ -261,12 +199,24 @@ def run_tuning_worker(
     """
     from icmil.tuning.driver import read_round_manifest
 
-    validate_space(cfg.tuning.mil_space, "mil")
     url = resolve_storage(cfg, storage)
-    study = create_study(cfg, study_name, url, seed=cfg.seed + 7919 * worker_id + round_index)
+    study = create_study(cfg, study_name, url, seed=cfg.seed + 7919 * worker_id + round_index, target=target)
+    stored = study.user_attrs.get(ATTR_TARGET)
+    target = target or stored or "mil"
+    if stored and stored != target:
+        raise ConfigError(f"study {study_name!r} tunes {stored!r}; this worker was asked for {target!r}")
     budget = int(n_trials or study.user_attrs.get(ATTR_N_TRIALS) or cfg.tuning.n_trials)
     manifest = read_round_manifest(cfg, manifest_csv)
-    features = Path(features_dir)
+    objective = make_objective(
+        cfg,
+        target,
+        manifest,
+        manifest_csv=manifest_csv,
+        features_dir=features_dir,
+        tiles_dir=tiles_dir,
+        head_dir=head_dir,
+        encoder_dir=encoder_dir,
+    )
     trials_dir = Path(out_dir) / "trials"
     trial_tracker, nested = _trial_tracker(tracker, study.user_attrs.get(ATTR_TUNE_RUN))
     poll = min(5.0, float(cfg.tuning.heartbeat_interval))
@@ -281,16 +231,5 @@ def run_tuning_worker(
         ran += 1
         # Heartbeats start before anything slow (MLflow, imports): a silent trial is failed by other workers.
         with _Heartbeat(study._storage, trial._trial_id, cfg.tuning.heartbeat_interval):
-            _run_trial(
-                cfg,
-                study,
-                trial,
-                manifest,
-                features,
-                trials_dir,
-                trial_tracker,
-                nested,
-                round_index,
-                worker_id,
-            )
+            _run_trial(study, trial, objective, trials_dir, trial_tracker, nested, round_index, worker_id)
     return ran
