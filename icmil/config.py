@@ -92,7 +92,9 @@ class EncoderConfig(_Section):
 
 class EmbedConfig(_Section):
     batch_size: int = Field(128, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | None = Field(
+        None, ge=0, description="patch-decoding DataLoader workers; None = auto (CUDA: cores-1 up to 16; CPU: up to 2)"
+    )
     amp: bool = Field(True, description="autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
     device: str = Field("auto", description="auto = cuda if available, else cpu; or cpu, cuda, cuda:1, mps")
