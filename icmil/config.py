@@ -99,7 +99,7 @@ class EmbedConfig(_Section):
     channels_last: bool = True
     device: str = Field("auto", description="auto = cuda if available, else cpu; or cpu, cuda, cuda:1, mps")
     amp_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="autocast dtype on CUDA")
-    prefetch_factor: int = Field(4, ge=1, description="batches each worker reads ahead of the model")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker reads ahead of the model")
     merge_reads: int = Field(8, ge=1, description="adjacent patches merged into one read_region (1 = off)")
     on_corrupt_patch: Literal["error", "skip"] = Field(
         "error", description="error: the slide fails, naming the patch; skip: drop the patch and record it"

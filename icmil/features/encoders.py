@@ -237,21 +237,16 @@ def create_encoder(cfg: EncoderConfig, *, quiet_random: bool = False) -> PatchEn
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-    """Map keys of a checkpoint onto ours: accept our own layout, bare trunk keys, DataParallel and wrappers."""
+    """Map a checkpoint's keys onto ours: our own layout, a bare trunk's / timm model's keys, DataParallel
+    (``module.``) and wrapper (``model.``) prefixes. A key that already matches is never rewritten."""
     out: dict[str, torch.Tensor] = {}
-    candidates = ("", "backbone.", "backbone.trunk.", "trunk.")
+    ours = ("", "backbone.", "backbone.trunk.")
+    wrappers = ("module.", "model.", "state_dict.")
     for key, value in state.items():
-        base = key
-        for prefix in ("module.", "model.", "state_dict."):
-            if base.startswith(prefix):
-                base = base[len(prefix) :]
-        for prefix in ("backbone.", "backbone.trunk.", "trunk."):
-            if base.startswith(prefix):
-                base = base[len(prefix) :]
-        for cand in candidates:
-            if cand + base in wanted:
-                out[cand + base] = value
-                break
+        variants = [key] + [key[len(w) :] for w in wrappers if key.startswith(w)]
+        hit = next((p + v for v in variants for p in ours if p + v in wanted), None)
+        if hit is not None:
+            out[hit] = value
     return out
 
 

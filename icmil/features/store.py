@@ -55,8 +55,10 @@ class FeatureBag:
         return int(self.features.shape[0])
 
 
-def _chunks(n: int, dim: int) -> tuple[int, int] | None:
-    return (max(1, min(1024, n)), max(1, dim)) if n > 0 and dim > 0 else None
+def _chunks(n: int, dim: int) -> tuple[int, int]:
+    # (min(1024, N), D): whole rows, ~10x faster to read than row-at-a-time chunks. Resizable datasets need
+    # a chunk shape even when empty (a slide whose patches were all skipped), hence the max(1, ...).
+    return (max(1, min(1024, n)), max(1, dim))
 
 
 def _set_attrs(h5: h5py.File, attrs: Mapping[str, Any]) -> None:

@@ -132,7 +132,8 @@ class PatchReader:
         return state
 
     def __del__(self) -> None:
-        self.close()
+        if "_handle" in self.__dict__:  # __init__ may have failed before the handle slot existed
+            self.close()
 
     # -- reading -----------------------------------------------------------------------------------------
 
@@ -388,7 +389,7 @@ def patch_loader(
     num_workers: int = 2,
     *,
     pin_memory: bool = False,
-    prefetch_factor: int = 4,
+    prefetch_factor: int = 2,
     persistent_workers: bool = False,
     on_corrupt: OnCorrupt = "error",
     merge_reads: int = 8,

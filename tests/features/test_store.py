@@ -93,3 +93,9 @@ def test_read_errors(tmp_path) -> None:
         h5["coords"] = np.zeros((2, 2))
     with pytest.raises(FeatureStoreError, match="no 'features'"):
         read_features(tmp_path / "nofeat.h5")
+
+
+def test_empty_bag(tmp_path) -> None:
+    path = write_features(tmp_path / "e.h5", np.zeros((0, 8)), np.zeros((0, 2)), ATTRS)
+    bag = read_features(path)
+    assert bag.features.shape == (0, 8) and bag.coords.shape == (0, 2)
