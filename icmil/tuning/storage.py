@@ -56,7 +56,26 @@ def resolve_storage(
             "tuning.storage (or $" + cfg.tuning.storage_env + ") is not a database URL "
             "(use sqlite:///path/optuna.db or postgresql://user:pass@host:5432/db)"
         )
-    return url
+    return with_driver(url)
+
+
+def with_driver(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` spelled with the psycopg2 driver when psycopg 3 is not installed.
+
+    SQLAlchemy >= 2.1 maps a bare ``postgresql://`` to psycopg 3, while this project installs psycopg2-binary;
+    users (and Kubernetes Secrets) naturally write the bare form.
+
+    >>> with_driver("sqlite:///x.db")
+    'sqlite:///x.db'
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql{sep}{rest}"
+    return f"postgresql+psycopg2{sep}{rest}"
 
 
 def _sqlite_path(url: str) -> Path | None:

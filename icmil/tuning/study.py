@@ -36,14 +36,41 @@ class NoCompletedTrial(ICMILError):
     """A study has no completed trial, so it has no best parameters."""
 
 
+# Tuning settings that do not change what a trial computes: a study may be resumed with other values.
+_RESUMABLE_TUNING_KEYS = {
+    "enabled",
+    "n_trials",
+    "workers",
+    "storage",
+    "storage_env",
+    "storage_secret",
+    "heartbeat_interval",
+    "heartbeat_grace_period",
+    "max_retry",
+}
+
+
 def study_name_for(
     cfg: ICMILConfig, round_index: int, run_key: str | None = None, target: str = "mil"
 ) -> str:
-    """``icmil-<run>-round<r>`` (``-coupling`` appended for stage 2): ``run_key`` is the pipeline run (KFP run
-    id); default: the run folder."""
+    """``icmil-<run>-round<r>`` (``-coupling`` appended for stage 2).
+
+    ``run_key`` is the pipeline run (the KFP run id). Without it the run folder names the study, plus a digest
+    of the settings a trial depends on (search spaces, epochs, sampler, pruner, the mil/coupling sections), so
+    rerunning resumes the study while changed settings start a new one instead of mixing incomparable trials.
+    """
     if run_key is None:
         folder = Path(cfg.run_dir).resolve()
-        run_key = f"{folder.name}-{text_digest(str(folder))[:8]}"
+        tuning = {
+            k: v for k, v in cfg.tuning.model_dump(mode="json").items() if k not in _RESUMABLE_TUNING_KEYS
+        }
+        settings = text_digest(
+            str(folder),
+            tuning,
+            cfg.mil.model_dump(mode="json"),
+            cfg.coupling.model_dump(mode="json") if target == "coupling" else None,
+        )
+        run_key = f"{folder.name}-{settings[:8]}"
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_key).strip("-") or "run"
     suffix = "" if target == "mil" else f"-{target}"
     return f"icmil-{safe}-round{round_index}{suffix}"

@@ -6,6 +6,7 @@ built-in kustomize must produce the same objects.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -392,3 +393,56 @@ def test_postgres_statefulset_uses_a_claim_template(rendered):
     assert mounts["data"] == "/var/lib/postgresql/data"
     svc = _by_kind_name(rendered["base"], "Service", "postgres")
     assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+
+
+@pytest.mark.servers
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql (PostgreSQL client) not installed")
+def test_postgres_init_script_creates_a_working_optuna_database(rendered, postgres_server, tmp_path):
+    # The init script of the in-cluster database, run as the postgres entrypoint would (sh, env from the
+    # Secret), against a real server; then Optuna uses the database as the tune workers will.
+    import optuna
+    import psycopg2
+
+    cm = _by_kind_name(rendered["base"], "ConfigMap", "postgres-init")
+    script = tmp_path / "10-optuna.sh"
+    script.write_text(cm["data"]["10-optuna.sh"])
+    admin_db = postgres_server.create_database()
+    env = {
+        **os.environ,
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(postgres_server.port),
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": admin_db.rsplit("/", 1)[1],
+        "OPTUNA_DB_PASSWORD": "it's a p@ss:w/rd",  # quotes and URL characters must survive psql's :'pw'
+    }
+    try:
+        proc = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=postgres_server.port, user="postgres", dbname="postgres"
+        )
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT r.rolcanlogin, r.rolsuper, r.rolcreatedb, pg_get_userbyid(d.datdba) "
+                "FROM pg_roles r, pg_database d WHERE r.rolname = 'optuna' AND d.datname = 'optuna'"
+            )
+            assert cur.fetchone() == (
+                True,
+                False,
+                False,
+                "optuna",
+            )  # a login role that owns only its database
+        conn.close()
+        url = f"postgresql+psycopg2://optuna@127.0.0.1:{postgres_server.port}/optuna"
+        study = optuna.create_study(study_name="k8s-init", storage=url)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        assert len(optuna.load_study(study_name="k8s-init", storage=url).trials) == 2
+    finally:
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=postgres_server.port, user="postgres", dbname="postgres"
+        )
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS optuna WITH (FORCE)")
+            cur.execute("DROP ROLE IF EXISTS optuna")
+        conn.close()

@@ -86,7 +86,10 @@ def test_storage_resolution_order(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     assert resolve_storage(cfg, environ={}) == f"sqlite:///{tmp_path.resolve()}/optuna.db"
     env = {"ICMIL_OPTUNA_STORAGE": "postgresql://optuna:pw@db:5432/optuna"}
-    assert resolve_storage(cfg, environ=env) == env["ICMIL_OPTUNA_STORAGE"]
+    # The bare scheme gets the installed driver (SQLAlchemy 2.1 would pick psycopg 3 otherwise).
+    assert resolve_storage(cfg, environ=env) == "postgresql+psycopg2://optuna:pw@db:5432/optuna"
+    env2 = {"ICMIL_OPTUNA_STORAGE": "postgresql+psycopg2://optuna:pw@db:5432/optuna"}
+    assert resolve_storage(cfg, environ=env2) == env2["ICMIL_OPTUNA_STORAGE"]
     cfg2 = load_config(None, [f"run_dir={tmp_path}", "tuning.storage=sqlite:////x/y.db"])
     assert resolve_storage(cfg2, environ=env) == "sqlite:////x/y.db"
     assert resolve_storage(cfg2, "sqlite:////z.db", environ=env) == "sqlite:////z.db"
@@ -100,6 +103,13 @@ def test_study_names_are_stable_per_run_folder_and_round(tmp_path):
     b = load_config(None, [f"run_dir={tmp_path / 'b'}"])
     assert study_name_for(a, 0) == study_name_for(a, 0) != study_name_for(a, 1)
     assert study_name_for(a, 0) != study_name_for(b, 0)
+    # Settings a trial depends on start a new study; the budget or the storage do not.
+    more = load_config(
+        None, [f"run_dir={tmp_path / 'a'}", "tuning.n_trials=50", "tuning.storage=sqlite:////x.db"]
+    )
+    assert study_name_for(more, 0) == study_name_for(a, 0)
+    other = load_config(None, [f"run_dir={tmp_path / 'a'}", "tuning.epochs=3"])
+    assert study_name_for(other, 0) != study_name_for(a, 0)
     assert study_name_for(a, 2, run_key="run 7/x") == "icmil-run-7-x-round2"
 
 
