@@ -11,16 +11,55 @@ Example:
 """
 
 from icmil.mil import heads as _heads  # noqa: F401  (registers the built-in heads)
-from icmil.mil.base import BagOutput, MILHead, create_mil_head, list_mil_heads, register_mil_head
+from icmil.mil.base import (
+    BagOutput,
+    MILHead,
+    create_mil_head,
+    list_mil_heads,
+    mil_head_class,
+    register_mil_head,
+)
 from icmil.mil.checkpoint import load_mil_head, read_head_config, save_mil_head
+from icmil.mil.data import Bag, BagStore, patch_size_level0
+from icmil.mil.evaluate import evaluate_mil_head, predict_slides
+from icmil.mil.metrics import (
+    bootstrap_auc_ci,
+    classification_metrics,
+    multiclass_auc,
+    patch_in_lesion,
+    patch_level_auc,
+    youden_threshold,
+)
+from icmil.mil.optim import Lookahead, build_optimizer
+from icmil.mil.plots import plot_heatmap, plot_roc
+from icmil.mil.train import TrainResult, head_from_config, train_mil_head
 
 __all__ = [
+    "Bag",
     "BagOutput",
+    "BagStore",
+    "Lookahead",
     "MILHead",
+    "TrainResult",
+    "bootstrap_auc_ci",
+    "build_optimizer",
+    "classification_metrics",
     "create_mil_head",
+    "evaluate_mil_head",
+    "head_from_config",
     "list_mil_heads",
     "load_mil_head",
+    "mil_head_class",
+    "multiclass_auc",
+    "patch_in_lesion",
+    "patch_level_auc",
+    "patch_size_level0",
+    "plot_heatmap",
+    "plot_roc",
+    "predict_slides",
     "read_head_config",
     "register_mil_head",
     "save_mil_head",
+    "train_mil_head",
+    "youden_threshold",
 ]

@@ -142,15 +142,21 @@ def list_mil_heads() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def mil_head_class(name: str) -> type[MILHead]:
+    """The registered class of ``name`` (ConfigError listing the registered names if unknown)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown MIL head {name!r}; registered heads: {list_mil_heads()} (mil.head)")
+    return _REGISTRY[name]
+
+
 def create_mil_head(name: str, in_dim: int, n_classes: int, **kw: Any) -> MILHead:
     """Build a registered head. ``kw`` are the head's own hyper-parameters (see each head's docstring).
 
     >>> create_mil_head("maxpool", 8, 3, hidden_dim=4).n_classes
     3
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown MIL head {name!r}; registered heads: {list_mil_heads()} (mil.head)")
+    cls = mil_head_class(name)
     try:
-        return _REGISTRY[name](in_dim=in_dim, n_classes=n_classes, **kw)
+        return cls(in_dim=in_dim, n_classes=n_classes, **kw)
     except TypeError as err:
         raise ConfigError(f"MIL head {name!r}: bad arguments {sorted(kw)}: {err}") from None

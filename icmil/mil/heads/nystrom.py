@@ -91,8 +91,23 @@ class NystromAttention(nn.Module):
         return qkv[0] * self.scale, qkv[1], qkv[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_scores(x)[0]
+
+    def forward_with_scores(
+        self, x: torch.Tensor, query_index: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output and, with ``query_index``, that query's exact raw (pre-softmax) scores
+        against every key, averaged over heads ``(B, n)``.
+
+        One row of attention is O(n), so TransMIL's CLS attention is reported exactly even though the layer
+        itself uses the Nyström approximation; it reuses this pass's queries and keys.
+        """
         b, n, _ = x.shape
         q, k, v = self._qkv(x)
+        scores = None
+        if query_index is not None:
+            row = q[:, :, query_index : query_index + 1] @ k.transpose(-1, -2)
+            scores = row.squeeze(2).mean(dim=1)
         if n <= self.landmarks:
             out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
         else:
@@ -101,17 +116,8 @@ class NystromAttention(nn.Module):
             kernel1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (B, h, n, m)
             kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # (B, h, m, m)
             kernel3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # (B, h, m, n)
-            # Associate right-to-left-ish so nothing n x n is ever formed.
+            # Associate so that nothing n x n is ever formed.
             out = (kernel1 @ iterative_pinv(kernel2, self.pinv_iterations)) @ (kernel3 @ v)
         if self.residual is not None:
             out = out + self.residual(v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
-
-    def query_scores(self, x: torch.Tensor, query_index: int = 0) -> torch.Tensor:
-        """Exact raw (pre-softmax) scores of one query against every key, mean over heads: ``(B, n)``.
-
-        One row of the attention matrix costs O(n), so TransMIL's CLS attention is reported exactly even
-        though the layer itself uses the Nyström approximation.
-        """
-        q, k, _ = self._qkv(x)
-        return (q[:, :, query_index : query_index + 1] @ k.transpose(-1, -2)).squeeze(2).mean(dim=1)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)), scores

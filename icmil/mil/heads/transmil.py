@@ -57,13 +57,18 @@ class PPEG(nn.Module):
 
 
 class _Layer(nn.Module):
+    """``x + NystromAttention(LN(x))``; optionally also the CLS query's raw scores (see ``forward_with_scores``)."""
+
     def __init__(self, dim: int, attention: NystromAttention) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attention = attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attention(self.norm(x))
+    def forward(
+        self, x: torch.Tensor, with_cls_scores: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, scores = self.attention.forward_with_scores(self.norm(x), 0 if with_cls_scores else None)
+        return x + out, scores
 
 
 @register_mil_head("transmil")
@@ -133,13 +138,10 @@ class TransMIL(MILHead):
         if extra:
             h = torch.cat([h, h[:, torch.arange(extra, device=h.device) % n]], dim=1)
         x = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)
-        x = self.layer1(x)
+        x, _ = self.layer1(x)
         x = self.ppeg(x, side)
-        scores = (
-            self.layer2.attention.query_scores(self.layer2.norm(x))[:, 1 : n + 1] if with_scores else None
-        )
-        x = self.norm(self.layer2(x))
-        return x, scores
+        x, scores = self.layer2(x, with_cls_scores=with_scores)
+        return self.norm(x), None if scores is None else scores[:, 1 : n + 1]
 
     def forward(self, features: torch.Tensor) -> BagOutput:
         self._check_bag(features, self.in_dim, "transmil")
