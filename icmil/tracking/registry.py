@@ -118,6 +118,9 @@ class PromotionResult:
 def _clients(tracking_uri: str | None, registry_uri: str | None) -> MlflowClient:
     from mlflow import MlflowClient
 
+    # A registry-only call still needs a tracking store (run artifacts): the registry's own server/database
+    # rather than MLflow's fallback (./mlflow.db in the working directory).
+    tracking_uri = tracking_uri or registry_uri
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
 

@@ -516,30 +516,36 @@ def log_slide_classifier(
 
 def _local_model(model_uri: str, tracking_uri: str | None, registry_uri: str | None, dst: Path) -> str:
     """A local folder holding the MLflow model behind ``model_uri`` (downloaded only when remote)."""
+    from urllib.parse import unquote, urlsplit
+
     import mlflow.artifacts
-    from mlflow import MlflowClient
 
-    from icmil.tracking.registry import resolve_artifact_source
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
     source = model_uri
-    if model_uri.startswith("models:/") and not model_uri.startswith("models:/m-"):
-        ref = model_uri[len("models:/") :].strip("/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, version = ref.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
-        else:
-            raise ConfigError(f"model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
-        source = str(mv.source)
-    source = resolve_artifact_source(client, source)
-    if source.startswith("file://"):
-        from urllib.parse import unquote, urlsplit
+    if model_uri.startswith(("models:/", "runs:/")):
+        from mlflow import MlflowClient
 
+        from icmil.tracking.registry import resolve_artifact_source
+
+        # Only here: a client built without a URI would create ./mlflow.db (MLflow's default store) as a side effect.
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        if model_uri.startswith("models:/") and not model_uri.startswith("models:/m-"):
+            ref = model_uri[len("models:/") :].strip("/")
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            elif "/" in ref:
+                name, version = ref.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+            else:
+                raise ConfigError(f"model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+            source = str(mv.source)
+        if source.startswith(("models:/", "runs:/")):
+            source = resolve_artifact_source(client, source)
+    if source.startswith("file:"):
         return unquote(urlsplit(source).path)
-    if "://" not in source and ":" not in source.split("/", 1)[0]:
+    if "://" not in source and not source.startswith(("mlflow-artifacts:", "models:", "runs:")):
+        if not Path(source).exists():
+            raise ConfigError(f"model {model_uri!r}: no such folder {source}")
         return source
     return str(
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
