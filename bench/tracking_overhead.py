@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -116,6 +117,7 @@ def main() -> None:
     out["load_and_predict_one_bag_cpu_s"] = round(_cpu_s() - c, 3)
     out["bag_patches"] = n
     out["predict_ok"] = bool(table.loc[0, "error"] == "")
+    shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(out))
 
 
