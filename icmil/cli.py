@@ -203,13 +203,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         round_index=args.round,
         study_name=args.study,
         n_trials=args.trials,
+        target=args.target,
+        tiles_dir=args.tiles,
+        head_dir=args.head_dir,
+        encoder_dir=args.encoder,
     )
     print(result)
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from icmil.tracking import promote
+    from icmil.tracking import RetryPolicy, promote, resolve_registry_uri, resolve_tracking_uri
 
     cfg = _config(args)
     result = promote(
@@ -218,20 +222,30 @@ def cmd_promote(args: argparse.Namespace) -> int:
         split=cfg.tracking.promotion_split,
         margin=cfg.tracking.promotion_margin,
         floor=cfg.tracking.promotion_floor,
-        tracking_uri=args.tracking_uri or cfg.tracking.tracking_uri,
+        tracking_uri=args.tracking_uri or resolve_tracking_uri(cfg),
+        registry_uri=resolve_registry_uri(cfg),
         target_registry_uri=args.target_registry,
+        on_data_mismatch=cfg.tracking.on_data_mismatch,
+        retry=RetryPolicy.from_config(cfg.tracking),
+        dry_run=args.dry_run,
     )
     print(result)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from icmil.tracking import predict_slides
+    from icmil.tracking import predict_slides, resolve_registry_uri, resolve_tracking_uri
 
+    cfg = _config(args)
     table = predict_slides(
-        args.model, [str(s) for s in args.slides], args.out, tracking_uri=args.tracking_uri
+        args.model,
+        [str(s) for s in args.slides],
+        args.out,
+        tracking_uri=args.tracking_uri or resolve_tracking_uri(cfg),
+        registry_uri=resolve_registry_uri(cfg),
     )
     print(table.to_string(index=False))
+    print(f"predictions and heatmaps: {args.out}")
     return 0
 
 
@@ -322,11 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--study", default=None, help="study name (default: derived from run folder and round)")
     p.add_argument("--trials", type=int, default=None)
+    p.add_argument(
+        "--target", default="mil", choices=["mil", "coupling"], help="bag head or stage-2 fine-tuning"
+    )
+    p.add_argument("--tiles", type=Path, default=None, help="tiles folder (target=coupling)")
+    p.add_argument("--head-dir", type=Path, default=None, help="teacher bag head (target=coupling)")
+    p.add_argument("--encoder", type=Path, default=None, help="teacher encoder folder (target=coupling)")
 
     p = add("promote", cmd_promote, "move alias champion to the challenger if it wins (exit 3 if not)")
     p.add_argument("--model", default=None, help="registered model name (default: tracking.registered_model)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--target-registry", default=None, help="promote into another registry (dev -> prod)")
+    p.add_argument("--dry-run", action="store_true", help="report the gate's decision, change nothing")
 
     p = add("predict", cmd_predict, "predict slides with a registered model, e.g. models:/NAME@champion")
     p.add_argument("--model", required=True)
