@@ -37,7 +37,7 @@ from icmil.manifest import read_manifest
 from icmil.slides import read_tiles, tile_manifest, write_synthetic_slide
 
 # Per encoder: slide edge (px) so each run takes seconds, not minutes, on a CPU (GPU runs use --size).
-CPU_SIZES = {"tiny_cnn": 8192, "resnet50_trunc": 2560}
+CPU_SIZES = {"tiny_cnn": 8192, "resnet50_trunc": 2048}
 
 
 def _make_slide(root: Path, size: int) -> tuple[Any, Path]:
@@ -121,27 +121,36 @@ def naive(
     return len(coords) / (time.perf_counter() - start)
 
 
-def run(encoder_name: str, root: Path, size: int, cfg: EmbedConfig, device: torch.device) -> dict[str, Any]:
+def run(
+    encoder_name: str, root: Path, size: int, cfg: EmbedConfig, device: torch.device, repeat: int
+) -> dict[str, Any]:
     manifest, tiles_dir = _make_slide(root, size)
     tiles = read_tiles(tiles_dir / "bench.h5")
     encoder = create_encoder(EncoderConfig(name=encoder_name), quiet_random=True)
     n = len(tiles.coords)
-    out = root / f"features_{encoder_name}"
-    shutil.rmtree(out, ignore_errors=True)
-    report = embed_manifest(manifest, tiles_dir, out, encoder, cfg)
-    embed_pps = report.n_embedded_patches / report.seconds
-    mo = model_only(encoder, n, cfg, device)
-    nv = naive(encoder, str(manifest.slides["path"][0]), tiles, cfg, device)
+    best = {"model_only": 0.0, "embed": 0.0, "naive": 0.0}
+    embed_s = 0.0
+    # Interleaved repetitions, best of each: on a shared machine the neighbours' load changes minute by minute.
+    for _ in range(repeat):
+        best["model_only"] = max(best["model_only"], model_only(encoder, n, cfg, device))
+        out = root / f"features_{encoder_name}"
+        shutil.rmtree(out, ignore_errors=True)
+        report = embed_manifest(manifest, tiles_dir, out, encoder, cfg)
+        if report.n_embedded_patches / report.seconds > best["embed"]:
+            best["embed"], embed_s = report.n_embedded_patches / report.seconds, report.seconds
+        best["naive"] = max(
+            best["naive"], naive(encoder, str(manifest.slides["path"][0]), tiles, cfg, device)
+        )
     return {
         "encoder": encoder_name,
         "slide_px": size,
         "patches": n,
-        "model_only_pps": round(mo, 1),
-        "embed_pps": round(embed_pps, 1),
-        "naive_pps": round(nv, 1),
-        "embed_over_model": round(embed_pps / mo, 3),
-        "embed_over_naive": round(embed_pps / nv, 3),
-        "embed_seconds": round(report.seconds, 2),
+        "model_only_pps": round(best["model_only"], 1),
+        "embed_pps": round(best["embed"], 1),
+        "naive_pps": round(best["naive"], 1),
+        "embed_over_model": round(best["embed"] / best["model_only"], 3),
+        "embed_over_naive": round(best["embed"] / best["naive"], 3),
+        "embed_seconds": round(embed_s, 2),
     }
 
 
@@ -157,6 +166,9 @@ def main() -> None:
     ap.add_argument(
         "--size", type=int, default=None, help="slide edge in px (default: 16384 on GPU, per encoder on CPU)"
     )
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("ICMIL_PROGRESS", "0")
@@ -171,7 +183,7 @@ def main() -> None:
     results = []
     for name in args.encoders:
         size = args.size or (16384 if gpu else CPU_SIZES.get(name, 4096))
-        results.append(run(name, root, size, cfg, device))
+        results.append(run(name, root, size, cfg, device, args.repeat))
     print(
         json.dumps(
             {
@@ -179,6 +191,7 @@ def main() -> None:
                 "torch_threads": torch.get_num_threads(),
                 "cpu_count": os.cpu_count(),
                 "load_avg_1m": round(os.getloadavg()[0], 2),
+                "repeat": args.repeat,
                 "batch_size": cfg.batch_size,
                 "num_workers": auto_num_workers(cfg.num_workers, device),
                 "amp": str(_amp_dtype(cfg, device)),

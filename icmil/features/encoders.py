@@ -199,8 +199,19 @@ def _timm_model(cfg: EncoderConfig) -> tuple[nn.Module, int]:
             f"encoder.name {cfg.name!r} is neither a registered encoder {list_encoders()} nor a timm model "
             "(see timm.list_models())"
         )
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
+    model = _create_timm(cfg.name, pretrained=False)
     return model, int(cast(Any, model).num_features)
+
+
+def _create_timm(name: str, pretrained: bool) -> nn.Module:
+    """A timm model without classifier; ViT-style models get ``dynamic_img_size`` so 256-px patches work with
+    224-px position embeddings (interpolated on the fly), as pathology ViT encoders are used."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
+    except TypeError:  # CNNs do not take the argument (and accept any input size anyway)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
 
 
 # --------------------------------------------------------------------------- creation and weights
@@ -312,7 +323,7 @@ def _load_hub_weights(encoder: PatchEncoder, cfg: EncoderConfig) -> None:
     if cfg.name in _REGISTRY and cfg.name != "resnet50_trunc":
         raise ConfigError(f"encoder {cfg.name!r} has no pretrained hub weights; set encoder.pretrained=false")
     try:
-        model = timm.create_model(hub_name, pretrained=True, num_classes=0)
+        model = _create_timm(hub_name, pretrained=True)
     except Exception as err:
         raise ConfigError(
             f"could not download pretrained weights for {hub_name!r} from the timm/Hugging Face hub "

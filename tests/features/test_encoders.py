@@ -173,3 +173,9 @@ def test_pretrained_offline_error_points_to_local_weights(monkeypatch) -> None:
 def test_bad_input_shape() -> None:
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         _enc("tiny_cnn")(torch.zeros(2, 48, 48, 3, dtype=torch.uint8))
+
+
+def test_timm_vit_takes_256_px_patches() -> None:
+    enc = _enc("vit_tiny_patch16_224")  # 224-px position embeddings, 256-px patches: interpolated
+    with torch.no_grad():
+        assert enc(_patches(1, 256)).shape == (1, 192)
