@@ -219,59 +219,34 @@ def register_round_model(
             registry_uri=registry_uri,
             retry=retry,
         )
-        promote, reason = precheck_promotion(cfg, version, metrics, registry_uri, tracking_uri)
+        promote, reason = precheck_promotion(cfg)
         run.set_tags({"icmil.model_version": str(version), "icmil.gate_precheck": reason[:4000]})
     return str(version), promote, reason
 
 
-def precheck_promotion(
-    cfg: ICMILConfig,
-    version: str,
-    metrics: Mapping[str, Mapping[str, float]],
-    registry_uri: str,
-    tracking_uri: str,
-) -> tuple[bool, str]:
-    """Would the new version win? Read-only: compares the registered metric tags with the champion's.
-
-    Only clear losses (same evaluation data, not better by the margin; or below the floor) skip the promote
-    task; when the champion was scored on other data the promote task re-scores both and decides.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from icmil.tracking.registry import CHAMPION, LOWER_IS_BETTER, digest_tag, metric_tag
+def _gate_arguments(cfg: ICMILConfig) -> dict[str, Any]:
+    from icmil.tracking import RetryPolicy, resolve_registry_uri, resolve_tracking_uri
 
     t = cfg.tracking
-    label = f"{t.promotion_split} {t.promotion_metric}"
-    value = metrics.get(t.promotion_split, {}).get(t.promotion_metric)
-    if value is None:
-        return False, f"the challenger has no {label}"
-    higher = t.promotion_metric not in LOWER_IS_BETTER
-    if higher and value < t.promotion_floor:
-        return False, f"challenger {label} {value:.4f} is below the floor {t.promotion_floor:.4f}"
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-    try:
-        champion = client.get_model_version_by_alias(t.registered_model, CHAMPION)
-    except MlflowException:
-        return (
-            True,
-            f"no champion yet; challenger {label} {value:.4f} meets the floor {t.promotion_floor:.4f}",
-        )
-    challenger = client.get_model_version(t.registered_model, version)
-    tags, champ_tags = challenger.tags or {}, champion.tags or {}
-    raw = champ_tags.get(metric_tag(t.promotion_split, t.promotion_metric))
-    same_data = raw is not None and tags.get(digest_tag(t.promotion_split)) == champ_tags.get(
-        digest_tag(t.promotion_split)
-    )
-    if not same_data:
-        return True, f"champion v{champion.version} was scored on other data: the gate re-scores both"
-    champ = float(raw)  # type: ignore[arg-type]
-    wins = value > champ + t.promotion_margin if higher else value < champ - t.promotion_margin
-    verdict = "beats" if wins else "does not beat"
-    return wins, (
-        f"challenger {label} {value:.4f} {verdict} champion v{champion.version} {champ:.4f} "
-        f"by more than the margin {t.promotion_margin:.4f}"
-    )
+    return {
+        "metric": t.promotion_metric,
+        "split": t.promotion_split,
+        "margin": t.promotion_margin,
+        "floor": t.promotion_floor,
+        "tracking_uri": resolve_tracking_uri(cfg),
+        "registry_uri": resolve_registry_uri(cfg),
+        "on_data_mismatch": t.on_data_mismatch,
+        "retry": RetryPolicy.from_config(t),
+    }
+
+
+def precheck_promotion(cfg: ICMILConfig) -> tuple[bool, str]:
+    """Would the challenger win? The gate's own decision in dry-run mode (changes nothing, never raises a
+    rejection; when the champion was scored on other data it answers yes and the real gate re-scores)."""
+    from icmil.tracking import promote
+
+    result = promote(cfg.tracking.registered_model, dry_run=True, **_gate_arguments(cfg))
+    return bool(result.promoted), str(result.reason)
 
 
 REGISTRATION_FILE = "registration.json"
@@ -301,21 +276,9 @@ def read_registration(out_dir: str) -> dict[str, Any]:
 def run_promotion(promote_fn: Callable[..., Any], cfg: ICMILConfig) -> tuple[bool, str]:
     """Run the gate (``icmil.tracking.promote``); a rejection is returned as ``(False, reason)``."""
     from icmil.errors import PromotionRejected
-    from icmil.tracking import RetryPolicy, resolve_registry_uri, resolve_tracking_uri
 
-    t = cfg.tracking
     try:
-        result = promote_fn(
-            t.registered_model,
-            metric=t.promotion_metric,
-            split=t.promotion_split,
-            margin=t.promotion_margin,
-            floor=t.promotion_floor,
-            tracking_uri=resolve_tracking_uri(cfg),
-            registry_uri=resolve_registry_uri(cfg),
-            on_data_mismatch=t.on_data_mismatch,
-            retry=RetryPolicy.from_config(t),
-        )
+        result = promote_fn(cfg.tracking.registered_model, **_gate_arguments(cfg))
     except PromotionRejected as err:
         return False, str(err)
     return bool(result.promoted), str(result)

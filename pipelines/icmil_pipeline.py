@@ -55,9 +55,11 @@ from icmil.errors import ConfigError
 from pipelines.platform import place
 
 # Sections each cacheable task reads; every other section is reset to its default in the config it receives.
+# A "section.field" entry keeps one field of a section that is otherwise reset.
 CACHE_VIEWS: dict[str, tuple[str, ...]] = {
     "prepare": ("synth",),
-    "encoder": ("encoder",),
+    # BatchNorm calibration of the initial encoder reads training patches (coupling.initial_bn_calibration).
+    "encoder": ("encoder", "tiling", "coupling.initial_bn_calibration", "coupling.batch_size"),
     "tile": ("tiling",),
     "embed": ("tiling", "encoder", "embed"),
 }
@@ -113,8 +115,10 @@ def stage_config(cfg: ICMILConfig, stage: str) -> ICMILConfig:
     data = cfg.model_dump(mode="json")
     defaults = config_from_dict({}).model_dump(mode="json")
     for section in SECTIONS:
-        if section not in keep:
-            data[section] = defaults[section]
+        if section in keep:
+            continue
+        fields = [k.split(".", 1)[1] for k in keep if k.startswith(f"{section}.")]
+        data[section] = {**defaults[section], **{f: data[section][f] for f in fields}}
     return config_from_dict(data, f"<{stage} view>")
 
 
@@ -211,31 +215,67 @@ def build_pipeline(cfg: ICMILConfig) -> BaseComponent:
             # Synthetic slides live in the cohort artifact; a manifest's slides are reached by path / s3://.
             slide_source = {"cohort": cohort} if synthetic else {}
 
-            first = initial_encoder(config_yaml=views["encoder"])
-            place(first.set_display_name("encoder-r0"), cfg, "encoder", cache=True, tracked=False)
-            encoder = first.outputs["encoder"]
+            # The round-0 encoder: from the config alone (in parallel with tiling), or - with BatchNorm
+            # calibration on training patches - after tiling, from the tiles.
+            calibrate = cfg.coupling.initial_bn_calibration > 0
+            if not calibrate:
+                first = initial_encoder(config_yaml=views["encoder"])
+                place(first.set_display_name("encoder-r0"), cfg, "encoder", cache=True, tracked=False)
+                encoder = first.outputs["encoder"]
 
             with dsl.ParallelFor(shards, parallelism=p.shards, name="shards-r0") as shard:
                 tiled = tile(config_yaml=views["tile"], shard=shard, **slide_source)
                 place(tiled.set_display_name("tile"), cfg, "tile", cache=True, slides=True, tracked=False)
-                embedded = embed(
-                    config_yaml=views["embed"],
-                    shard=shard,
-                    round_index=0,
-                    tiles=tiled.outputs["tiles"],
-                    encoder=encoder,
-                    **slide_source,
+                if not calibrate:
+                    embedded = embed(
+                        config_yaml=views["embed"],
+                        shard=shard,
+                        round_index=0,
+                        tiles=tiled.outputs["tiles"],
+                        encoder=encoder,
+                        **slide_source,
+                    )
+                    place(
+                        embedded.set_display_name("embed-r0"),
+                        cfg,
+                        "embed",
+                        cache=True,
+                        slides=True,
+                        tracked=False,
+                    )
+            merged_tiles = merge_shards(parts=dsl.Collected(tiled.outputs["tiles"]))
+            place(merged_tiles.set_display_name("merge-tiles"), cfg, "merge", cache=True, tracked=False)
+
+            if calibrate:
+                first = initial_encoder(
+                    config_yaml=views["encoder"], cohort=cohort, tiles=merged_tiles.outputs["merged"]
                 )
                 place(
-                    embedded.set_display_name("embed-r0"),
+                    first.set_display_name("encoder-r0"),
                     cfg,
-                    "embed",
+                    "encoder",
                     cache=True,
                     slides=True,
                     tracked=False,
                 )
-            merged_tiles = merge_shards(parts=dsl.Collected(tiled.outputs["tiles"]))
-            place(merged_tiles.set_display_name("merge-tiles"), cfg, "merge", cache=True, tracked=False)
+                encoder = first.outputs["encoder"]
+                with dsl.ParallelFor(shards, parallelism=p.shards, name="shards-embed-r0") as shard:
+                    embedded = embed(
+                        config_yaml=views["embed"],
+                        shard=shard,
+                        round_index=0,
+                        tiles=merged_tiles.outputs["merged"],
+                        encoder=encoder,
+                        **slide_source,
+                    )
+                    place(
+                        embedded.set_display_name("embed-r0"),
+                        cfg,
+                        "embed",
+                        cache=True,
+                        slides=True,
+                        tracked=False,
+                    )
 
             features = embedded.outputs["features"]
             history: Any = "[]"

@@ -405,10 +405,58 @@ def _check_cron_field(expression: str, value: str, name: str, low: int, high: in
             raise ConfigError(f"cron {expression!r}: {name} range {base!r} runs backwards")
 
 
+@contextlib.contextmanager
+def _kfp_errors(host: str) -> Iterator[None]:
+    """Turn the KFP client's transport and HTTP errors into one clear message naming the host and the fix."""
+    import kfp_server_api
+    import urllib3
+
+    try:
+        yield
+    except kfp_server_api.ApiException as err:
+        hint = _HTTP_HINTS.get(
+            int(err.status or 0), (err.body or "")[:300] if isinstance(err.body, str) else ""
+        )
+        raise ICMILError(
+            f"Kubeflow Pipelines at {host} answered HTTP {err.status} {err.reason}: {hint}"
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as err:
+        raise ICMILError(f"cannot reach Kubeflow Pipelines at {host}: {err}") from None
+
+
+_HTTP_HINTS = {
+    401: f"unauthorised: set ${TOKEN_ENV} (a bearer token for the KFP API)",
+    403: "forbidden: the token's identity may not use this namespace/experiment",
+    404: "not found: is the host the KFP API (e.g. http://ml-pipeline-ui.kubeflow or .../pipeline)?",
+}
+
+
+def _probe(host: str, token: str | None, timeout: float = 15.0) -> None:
+    """One healthz request before kfp.Client, which retries a refused call for ~25 s before a vague error."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{host.rstrip('/')}/apis/v2beta1/healthz")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        raise ICMILError(
+            f"Kubeflow Pipelines at {host} answered HTTP {err.code} {err.reason}: {_HTTP_HINTS.get(err.code, '')}"
+        ) from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ICMILError(
+            f"cannot reach Kubeflow Pipelines at {host}: {getattr(err, 'reason', err)}"
+        ) from None
+
+
 def _client(host: str, namespace: str | None, token: str | None) -> Any:
     import kfp
 
     token = token or os.environ.get(TOKEN_ENV) or None
+    _probe(host, token)
     kwargs: dict[str, Any] = {"host": host, "existing_token": token}
     if namespace:
         kwargs["namespace"] = namespace
@@ -486,10 +534,10 @@ def submit(
         ...                 service_account="icmil-pipeline-runner")             # doctest: +SKIP
     """
     values = _check_params(cfg, params)
-    client = _client(host, namespace, token)
-    with _compiled(cfg) as package:
+    with _kfp_errors(host), _compiled(cfg) as package:
+        client = _client(host, namespace, token)
         pipeline_id, version_id = _upload(client, cfg, package, namespace)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _kfp_errors(host), contextlib.redirect_stdout(io.StringIO()):
         exp = client.create_experiment(name=experiment, namespace=namespace)
         run = client.run_pipeline(
             experiment_id=exp.experiment_id,
@@ -528,6 +576,24 @@ def schedule(
     if max_concurrency < 1:
         raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
     values = _check_params(cfg, params)
+    with _kfp_errors(host):
+        return _schedule(
+            cfg, host, cron, experiment, name, values, service_account, namespace, token, max_concurrency
+        )
+
+
+def _schedule(
+    cfg: ICMILConfig,
+    host: str,
+    cron: str,
+    experiment: str,
+    name: str,
+    values: dict[str, Any],
+    service_account: str | None,
+    namespace: str | None,
+    token: str | None,
+    max_concurrency: int,
+) -> str:
     client = _client(host, namespace, token)
     with contextlib.redirect_stdout(io.StringIO()):
         exp = client.create_experiment(name=experiment, namespace=namespace)

@@ -37,6 +37,7 @@ class State:
     versions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     experiments: dict[str, dict[str, Any]] = field(default_factory=dict)
     recurring: list[dict[str, Any]] = field(default_factory=list)
+    token: str | None = None  # when set, requests without "Authorization: Bearer <token>" get 401
 
     def calls(self, method: str, path: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and r.path == path]
@@ -85,8 +86,17 @@ def _handler(state: State) -> type[BaseHTTPRequestHandler]:
             state.requests.append(req)
             return req
 
+        def _authorised(self, req: Request) -> bool:
+            auth = {k.lower(): v for k, v in req.headers.items()}.get("authorization")
+            if state.token is None or auth == f"Bearer {state.token}":
+                return True
+            self._send({"error": "missing or invalid token", "code": 16}, 401)
+            return False
+
         def do_GET(self) -> None:
             req = self._record()
+            if not self._authorised(req):
+                return None
             if req.path == "/apis/v2beta1/healthz":
                 return self._send({"multi_user": False})
             if req.path == "/apis/v2beta1/pipelines":
@@ -129,6 +139,8 @@ def _handler(state: State) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             req = self._record()
+            if not self._authorised(req):
+                return None
             if req.path == "/apis/v2beta1/pipelines/upload":
                 name = req.query["name"][0]
                 pid = f"pipe-{uuid.uuid4().hex[:8]}"
@@ -155,9 +167,9 @@ def _handler(state: State) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def fake_kfp_server() -> Iterator[tuple[str, State]]:
+def fake_kfp_server(token: str | None = None) -> Iterator[tuple[str, State]]:
     """Yield ``(host URL, recorded state)`` of a KFP API server running in a thread."""
-    state = State()
+    state = State(token=token)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -348,3 +348,16 @@ def test_compiled_pipeline_loads_back_and_matches_the_golden_file(out_dir: Path)
         pytest.fail(
             f"compiled pipeline differs from {GOLDEN} (ICMIL_UPDATE_GOLDEN=1 to accept):\n{diff[:6000]}"
         )
+
+
+def test_batchnorm_calibration_builds_the_initial_encoder_from_the_tiles(out_dir: Path) -> None:
+    spec, _, _ = compile_cfg(out_dir, ("coupling.rounds=1", "coupling.initial_bn_calibration=256"))
+    tasks = kfp_yaml.leaf_tasks(spec)
+    up = {name: ts[0].upstream for name, ts in tasks.items()}
+    assert {"merge-tiles", "prepare"} <= up["encoder-r0"]
+    assert "encoder-r0" in up["embed-r0"] and tasks["embed-r0"][0].groups[-1] == "shards-embed-r0"
+    assert tasks["encoder-r0"][0].caching  # still content-addressed: cached tiles + the config view
+    view = config_from_yaml(
+        _task_inputs(spec, tasks["encoder-r0"][0])["parameters"]["config_yaml"]["runtimeValue"]["constant"]
+    )
+    assert view.coupling.initial_bn_calibration == 256 and view.coupling.lr == ICMILConfig().coupling.lr

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from icmil.config import load_config
-from icmil.errors import ConfigError
+from icmil.errors import ConfigError, ICMILError
 from pipelines.runner import schedule, submit, validate_cron
 from tests.pipelines.fake_kfp import fake_kfp_server
 
@@ -145,3 +145,17 @@ def test_valid_cron(cron: str) -> None:
 def test_schedule_validates_cron_before_contacting_the_server() -> None:
     with pytest.raises(ConfigError, match="5 fields"):
         schedule(load_config(None, CFG), "http://127.0.0.1:9", cron="0 3 * * 1")
+
+
+def test_missing_token_and_unreachable_host_give_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KF_PIPELINES_TOKEN", raising=False)
+    cfg = load_config(None, CFG)
+    with fake_kfp_server(token="right") as (host, state):
+        with pytest.raises(ICMILError, match=r"HTTP 401.*KF_PIPELINES_TOKEN"):
+            submit(cfg, host)
+        assert submit(cfg, host, token="right").startswith("run-")
+    assert len(state.calls("POST", "/apis/v2beta1/runs")) == 1
+    with fake_kfp_server() as (host, _):
+        pass  # the server is gone: nothing listens on that port any more
+    with pytest.raises(ICMILError, match=f"cannot reach Kubeflow Pipelines at {host}"):
+        schedule(cfg, host, cron="0 0 3 * * 1")

@@ -1,0 +1,118 @@
+"""One end-to-end run of the whole pipeline with the KFP local runner on tiny synthetic slides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from icmil.config import load_config
+from pipelines.runner import RunSummary, format_summary, run_local
+
+# Small enough for CI on 2 cores; every stage and both round kinds still run for real.
+TINY = [
+    "synth.n_slides=6",
+    "synth.width=1536",
+    "synth.height=1024",
+    "synth.lesion_radius_px=[200, 300]",
+    "synth.val_fraction=0.34",
+    "synth.test_fraction=0.34",
+    "tiling.patch_size=64",
+    "encoder.name=tiny_cnn",
+    "embed.batch_size=64",
+    "embed.num_workers=0",
+    "mil.epochs=2",
+    "mil.patience=null",
+    "mil.bootstrap_samples=0",
+    "coupling.rounds=1",
+    "coupling.batch_size=16",
+    "coupling.max_steps=2",
+    "coupling.eval_every=2",
+    "coupling.num_workers=0",
+    "pipeline.shards=2",
+    "tracking.promotion_floor=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
+    run_dir = tmp_path_factory.mktemp("icmil-run")
+    cfg = load_config(None, [f"run_dir={run_dir}", *TINY])
+    return run_local(cfg, print_summary=False)
+
+
+@pytest.mark.slow
+def test_local_run_executes_every_stage_and_reports_per_round_metrics(local_run: RunSummary) -> None:
+    s = local_run
+    assert [r["round"] for r in s.rounds] == [0, 1]
+    for row in s.rounds:
+        for key in ("val_auc", "test_auc", "patch_auc_test", "test_n"):
+            assert isinstance(row[key], float), (row["round"], key)
+    assert "finetune_selected_val_auc" in s.rounds[1] and "finetune_selected_val_auc" not in s.rounds[0]
+    assert s.evaluation == s.rounds[-1]
+    # The run-folder contract: resolved config, summary (json + csv), index of every output.
+    for name in ("config.yaml", "summary.json", "summary.csv", "outputs.json", "mlflow.db"):
+        assert (s.run_dir / name).is_file(), name
+    assert json.loads((s.run_dir / "summary.json").read_text())["rounds"] == s.rounds
+    outputs = s.outputs
+    assert any(k.endswith("prepare/cohort") for k in outputs)
+    encoders = [Path(v) for k, v in outputs.items() if k.endswith("/encoder")]
+    assert len(encoders) == 2 and all((e / "weights.safetensors").is_file() for e in encoders)
+    features = [Path(v) for k, v in outputs.items() if k.endswith("/features")]
+    assert len(features) == 4  # 2 shards x 2 rounds
+    assert sorted(p.name for f in features for p in f.glob("*.h5")) == sorted(
+        2 * [f"slide_{i:03d}.h5" for i in range(6)]
+    )
+    text = format_summary(s)
+    assert "per-round metrics" in text and "val_auc" in text and str(s.run_dir) in text
+
+
+@pytest.mark.slow
+def test_local_run_registers_promotes_and_closes_the_mlflow_parent_run(local_run: RunSummary) -> None:
+    from mlflow import MlflowClient
+
+    reg = local_run.registration
+    assert reg["version"] == "1" and reg["promote"] is True and "no champion yet" in reg["reason"]
+    assert reg["champion"] == "1"  # the gate's promote task ran inside dsl.If
+    client = MlflowClient(tracking_uri=f"sqlite:///{local_run.run_dir / 'mlflow.db'}")
+    model = client.get_registered_model(reg["model"])
+    assert {k: str(v) for k, v in model.aliases.items()} == {"challenger": "1", "champion": "1"}
+    exp = client.get_experiment_by_name("icmil")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags.get("icmil.kfp_final_state") == "SUCCEEDED"
+    children = {
+        r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
+    assert {
+        "round0/train",
+        "round0/evaluate",
+        "round1/finetune",
+        "round1/train",
+        "round1/evaluate",
+        "register",
+    } <= children
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"summary.json", "summary.csv", "config.yaml"} <= artifacts
+
+
+@pytest.mark.slow
+def test_exit_handler_bookkeeping_marks_a_failed_run_failed(local_run: RunSummary) -> None:
+    """What close-run does when KFP reports a failure (reusing this run's MLflow database: creating one is slow)."""
+    from mlflow import MlflowClient
+
+    from components import _runtime as rt
+    from icmil.tracking import start_parent_run
+
+    db = f"sqlite:///{local_run.run_dir / 'mlflow.db'}"
+    cfg = load_config(None, [f"run_dir={local_run.run_dir}", f"tracking.tracking_uri={db}"])
+    run_id = start_parent_run(cfg, run_name="broken", kfp_run_id="kfp-run-broken")
+    assert rt.close_parent_run(cfg, "kfp-run-broken", "FAILED", "Task tile failed.") == "FAILED"
+    run = MlflowClient(db).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert (
+        run.data.tags["icmil.kfp_error"] == "Task tile failed."
+        and run.data.tags["icmil.kfp_final_state"] == "FAILED"
+    )
