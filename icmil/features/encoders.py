@@ -316,7 +316,6 @@ def load_weights_file(encoder: PatchEncoder, path: str | os.PathLike[str]) -> Pa
 
 
 def _load_hub_weights(encoder: PatchEncoder, cfg: EncoderConfig) -> None:
-    import timm
 
     # resnet50_trunc takes its weights from timm's resnet50 (layer4/fc are dropped by the key mapping).
     hub_name = "resnet50" if cfg.name == "resnet50_trunc" else cfg.name
