@@ -146,34 +146,35 @@ def _tuning(cfg: ICMILConfig, full: str, r: int, parent: Any, cohort: Any, featu
 
     study = tuned_task(
         tune_prepare(
-            config_yaml=full, round_index=r, parent_run_id=parent, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+            config_yaml=full,
+            round_index=r,
+            parent_run_id=parent,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            workers=workers,
         ),
         f"tune-prepare-r{r}",
         "tune-prepare",
     )
     merged = merge_shards(parts=dsl.Collected(features))
     place(merged.set_display_name(f"merge-features-r{r}"), cfg, "merge", tracked=False)
-    with dsl.ParallelFor(list(range(workers)), parallelism=workers, name=f"tune-workers-r{r}") as worker:
-        trials = tuned_task(
+    # One item per worker (study name + parent run id inside): see components/tune.py for why.
+    with dsl.ParallelFor(study.output, parallelism=workers, name=f"tune-workers-r{r}") as assignment:
+        worker = tuned_task(
             tune_worker(
                 config_yaml=full,
                 round_index=r,
-                worker_index=worker,
-                study_name=study.output,
-                parent_run_id=parent,
+                assignment=assignment,
                 cohort=cohort,
                 features=merged.outputs["merged"],
             ),
             f"tune-worker-r{r}",
             "tune",
         )
-    # The Collected trial counts make finish wait for every worker (and report how the budget was split).
     finished = tune_finish(
         config_yaml=full,
         round_index=r,
-        study_name=study.output,
         parent_run_id=parent,
-        trials_per_worker=dsl.Collected(trials.outputs["Output"]),
+        workers_done=dsl.Collected(worker.outputs["Output"]),
     )
     tuned_task(finished, f"tune-finish-r{r}", "tune-finish")
     return finished.outputs["best"]

@@ -122,8 +122,11 @@ def test_tuning_adds_a_study_per_round_with_parallel_workers(out_dir: Path) -> N
         assert tasks[f"tune-worker-r{r}"][0].groups[-1] == f"tune-workers-r{r}"
     loop = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     workers = next(t for t in loop.values() if t["taskInfo"]["name"] == "tune-workers-r0")
-    assert workers["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+    # The loop runs over tune-prepare's assignment list (one per worker), at most `workers` at once.
+    assert workers["parameterIterator"]["items"]["inputParameter"].endswith("tune-prepare-Output")
     assert workers["iteratorPolicy"]["parallelismLimit"] == 3
+    prepare = next(t for t in loop.values() if t["taskInfo"]["name"] == "tune-prepare-r0")
+    assert prepare["inputs"]["parameters"]["workers"]["runtimeValue"]["constant"] == 3
 
 
 @pytest.mark.parametrize(
