@@ -6,7 +6,6 @@ id. (KFP's local runner replaces every task-output parameter that enters a Paral
 the loop body must need nothing but its item and artifacts; on a cluster this shape works just the same.)
 """
 
-
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 

@@ -180,14 +180,16 @@ def _tuning(cfg: ICMILConfig, full: str, r: int, parent: Any, cohort: Any, featu
     return finished.outputs["best"]
 
 
-def build_pipeline(cfg: ICMILConfig) -> BaseComponent:
+def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
     """The pipeline for this config (rounds, tuning and placement are fixed at compile time).
 
     Its only runtime parameter is ``manifest`` (present when the config names one): a scheduled retraining
-    can point the same compiled pipeline at a newer manifest.
+    can point the same compiled pipeline at a newer manifest. ``cluster=False`` (the local runner) keeps the
+    config's paths as they are instead of moving the slide cache onto the feature-store volume.
     """
     check_no_secrets(cfg)
-    cfg = cluster_config(cfg)
+    if cluster:
+        cfg = cluster_config(cfg)
     full = config_to_yaml(cfg)
     views = {stage: config_to_yaml(stage_config(cfg, stage)) for stage in CACHE_VIEWS}
     synthetic = cfg.manifest is None

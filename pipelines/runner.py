@@ -251,7 +251,7 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     pipeline_root = run_dir / "kfp"
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in pipeline_root.iterdir()}
-    pipeline = build_pipeline(cfg)
+    pipeline = build_pipeline(cfg, cluster=False)
     verbose = os.environ.get("ICMIL_KFP_VERBOSE", "0") == "1" if verbose is None else verbose
 
     local.init(

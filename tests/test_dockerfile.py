@@ -86,7 +86,9 @@ def test_no_credentials_in_the_image() -> None:
         if word in {"ENV", "ARG", "LABEL"}:
             for token in shlex.split(args):
                 key = token.split("=", 1)[0]
-                assert not SECRET_NAME.search(key), f"{word} {key}: credentials must come from Kubernetes Secrets"
+                assert not SECRET_NAME.search(key), (
+                    f"{word} {key}: credentials must come from Kubernetes Secrets"
+                )
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), "URL with a password in the Dockerfile"
     assert not any(("secret" in c.lower() or ".env" in c) for c in of("COPY"))
@@ -98,8 +100,10 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
         neg = pat.startswith("!")
         pat = pat[1:] if neg else pat
         pat = pat.rstrip("/")
-        hit = fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel, f"{pat}/*") or (
-            pat.startswith("**/") and any(fnmatch.fnmatch(part, pat[3:]) for part in rel.split("/"))
+        hit = (
+            fnmatch.fnmatch(rel, pat)
+            or fnmatch.fnmatch(rel, f"{pat}/*")
+            or (pat.startswith("**/") and any(fnmatch.fnmatch(part, pat[3:]) for part in rel.split("/")))
         )
         if hit:
             ignored = not neg

@@ -25,7 +25,7 @@ def test_a_failing_task_fails_run_local_with_the_task_and_the_log(
     def broken():
         explode(message="bad slide store")
 
-    monkeypatch.setattr("pipelines.icmil_pipeline.build_pipeline", lambda cfg: broken)
+    monkeypatch.setattr("pipelines.icmil_pipeline.build_pipeline", lambda cfg, cluster=True: broken)
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     with pytest.raises(
         ICMILError, match=r"local pipeline run failed: .*Inner task failed: 'explode'.*pipeline\.log"
