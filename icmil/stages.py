@@ -102,14 +102,20 @@ def _finish(
     return record
 
 
-def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numeric entries of a dict (what a tracker accepts as metrics)."""
+def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numeric entries of a (nested) dict, nested keys joined by ``_`` — what a tracker accepts.
+
+    >>> _numeric({"test": {"auc": 0.9, "n": 4}, "head": "abmil", "x": float("nan")})
+    {'test_auc': 0.9, 'test_n': 4.0}
+    """
     out: dict[str, float] = {}
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, Mapping):
+            out.update(_numeric(v, f"{prefix}{k}_"))
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        if math.isfinite(float(v)):
-            out[k] = float(v)
+        elif math.isfinite(float(v)):
+            out[f"{prefix}{k}"] = float(v)
     return out
 
 
@@ -134,17 +140,49 @@ def _log_artifact(run: StageRun, path: Path, artifact_path: str | None = None) -
         run.log_artifact(path, artifact_path)
 
 
-def initial_encoder(cfg: ICMILConfig) -> Any:
-    """The round-0 encoder from ``cfg.encoder`` (local weights, hub, or seeded random init)."""
+def initial_encoder(
+    cfg: ICMILConfig, manifest_csv: PathLike | None = None, tiles_dir: PathLike | None = None
+) -> Any:
+    """The round-0 encoder from ``cfg.encoder`` (local weights, hub, or seeded random init).
+
+    A randomly initialised encoder (no ``weights``, not ``pretrained``) gets its BatchNorm statistics
+    re-estimated on ``coupling.initial_bn_calibration`` random patches of the TRAINING slides (seeded, so every
+    process builds the same encoder; see :mod:`icmil.coupling.batchnorm`), which needs ``manifest_csv`` and
+    ``tiles_dir``.
+    """
     from icmil.features import create_encoder
 
-    return create_encoder(cfg.encoder)
+    encoder = create_encoder(cfg.encoder)
+    n_patches = cfg.coupling.initial_bn_calibration
+    if n_patches <= 0 or cfg.encoder.weights or cfg.encoder.pretrained:
+        return encoder  # real weights carry real statistics: never overwrite them
+    if manifest_csv is None or tiles_dir is None:
+        raise ConfigError(
+            "coupling.initial_bn_calibration needs the manifest and tiles to calibrate the initial encoder"
+        )
+    from icmil.coupling.batchnorm import calibrate_batchnorm
+    from icmil.coupling.data import TrainBatches, build_pool, slide_sources
+
+    manifest = load_run_manifest(cfg, manifest_csv)
+    sources, _ = slide_sources(manifest.split("train"), tiles_dir, cfg.cache_dir)
+    labels = dict(zip(manifest.slides["slide_id"].astype(str), manifest.slides["label_index"], strict=True))
+    pool, aligned = build_pool(sources, labels)
+    batch = min(cfg.coupling.batch_size, n_patches)
+    stream = iter(TrainBatches(pool, aligned, batch, balanced=False, seed=cfg.seed))
+    n_batches = max(1, -(-n_patches // batch))
+    used = calibrate_batchnorm(encoder, (next(stream)[1] for _ in range(n_batches)))
+    log.info("initial encoder: BatchNorm statistics calibrated on %d training patches", used * batch)
+    return encoder
 
 
-def _load_encoder_or_initial(cfg: ICMILConfig, encoder_dir: PathLike | None) -> Any:
+def _load_encoder_or_initial(
+    cfg: ICMILConfig, encoder_dir: PathLike | None, manifest_csv: PathLike, tiles_dir: PathLike
+) -> Any:
     from icmil.features import load_encoder
 
-    return load_encoder(encoder_dir) if encoder_dir is not None else initial_encoder(cfg)
+    if encoder_dir is not None:
+        return load_encoder(encoder_dir)
+    return initial_encoder(cfg, manifest_csv, tiles_dir)
 
 
 def _digest(module: Any) -> str | None:
@@ -217,7 +255,11 @@ def tile_stage(
 
 
 def encoder_stage(
-    cfg: ICMILConfig, out_encoder_dir: PathLike, tracker: StageTracker | None = None
+    cfg: ICMILConfig,
+    manifest_csv: PathLike,
+    tiles_dir: PathLike,
+    out_encoder_dir: PathLike,
+    tracker: StageTracker | None = None,
 ) -> dict[str, Any]:
     """Materialise the round-0 encoder (``cfg.encoder``) as ``weights.safetensors`` + ``config.json``.
 
@@ -231,7 +273,7 @@ def encoder_stage(
         return done
     t0 = time.perf_counter()
     with _tracker(tracker).stage("encoder", 0) as run:
-        encoder = initial_encoder(cfg)
+        encoder = initial_encoder(cfg, manifest_csv, tiles_dir)
         save_encoder(
             encoder,
             out,
@@ -245,6 +287,9 @@ def encoder_stage(
             "encoder_digest": encoder.digest(),
             "out_dim": encoder.out_dim,
             "random_init": not (cfg.encoder.weights or cfg.encoder.pretrained),
+            "bn_calibration_patches": 0
+            if (cfg.encoder.weights or cfg.encoder.pretrained)
+            else cfg.coupling.initial_bn_calibration,
         }
         run.log_params(
             {
@@ -277,7 +322,7 @@ def embed_stage(
     t0 = time.perf_counter()
     manifest = load_run_manifest(cfg, manifest_csv)
     with _tracker(tracker).stage("embed", round_index) as run:
-        encoder = _load_encoder_or_initial(cfg, encoder_dir)
+        encoder = _load_encoder_or_initial(cfg, encoder_dir, manifest_csv, tiles_dir)
         run.log_params(
             {"encoder": encoder.name, "encoder_digest": encoder.digest(), "batch_size": cfg.embed.batch_size}
         )
@@ -294,7 +339,7 @@ def embed_stage(
             "encoder_name": report.encoder_name,
             "encoder_digest": report.encoder_digest,
             "n_ok": report.n_ok,
-            "n_cached": report.n_cached,
+            "n_skipped": report.n_skipped,
             "n_failed": report.n_failed,
             "n_patches": report.n_embedded_patches,
             "patches_per_s": report.patches_per_s,
@@ -346,14 +391,17 @@ def train_stage(
         res = train_mil_head(
             manifest, features_dir, out, mil_cfg, epoch_callback=on_epoch, lesions=read_lesions(lesions_json)
         )
-        metrics = dict(getattr(res, "metrics", {}) or {})
+        metrics = _numeric(
+            {k: v for k, v in res.metrics.items() if k in ("train", "val", "test", "patch_auc")}
+        )
         result = {
             "head": mil_cfg.head,
             "params": dict(params or {}),
-            "best_epoch": getattr(res, "best_epoch", None),
+            "best_epoch": res.best_epoch,
+            "epochs_run": res.epochs_run,
             "metrics": metrics,
         }
-        run.log_metrics(_numeric(metrics))
+        run.log_metrics(metrics)
         for name in ("metrics.json", "history.csv", "roc.png"):
             _log_artifact(run, out / name)
         dump_config(cfg, out)
@@ -383,7 +431,7 @@ def finetune_stage(
     t0 = time.perf_counter()
     manifest = load_run_manifest(cfg, manifest_csv)
     with _tracker(tracker).stage("finetune", round_index) as run:
-        encoder = _load_encoder_or_initial(cfg, encoder_dir)
+        encoder = _load_encoder_or_initial(cfg, encoder_dir, manifest_csv, tiles_dir)
         head = load_mil_head(head_dir)
         cc = cfg.coupling
         run.log_params(

@@ -160,7 +160,7 @@ def run_round(
     tiles = run / "tiles"
     here = round_dir(run, k)
     if k == 0:
-        encoder_stage(cfg, here / "encoder", tracker)
+        encoder_stage(cfg, manifest_csv, tiles, here / "encoder", tracker)
     else:
         prev = round_dir(run, k - 1)
         finetune_stage(

@@ -1,0 +1,62 @@
+"""A tiny synthetic run shared by the coupling and stage tests: built once per test session.
+
+8-12 small synthetic slides, 64-px patches, random tiny_cnn: tiling + round 0 take a few seconds, which keeps
+every end-to-end test of the coupling fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from icmil.config import ICMILConfig, load_config
+
+_BUILT: dict[tuple[str, ...], Path] = {}
+
+BASE_OVERRIDES: tuple[str, ...] = (
+    "synth.n_slides=10",
+    "synth.width=1536",
+    "synth.height=1024",
+    "synth.seed=3",
+    "tiling.patch_size=64",
+    "encoder.name=tiny_cnn",
+    "embed.num_workers=0",
+    "embed.batch_size=256",
+    "mil.epochs=8",
+    "mil.patience=null",
+    "mil.bootstrap_samples=0",
+    "mil.max_heatmaps=0",
+    "coupling.num_workers=0",
+    "coupling.batch_size=32",
+    "coupling.max_steps=10",
+    "coupling.eval_every=5",
+)
+
+
+def tiny_config(run_dir: Path, extra: Sequence[str] = ()) -> ICMILConfig:
+    """The tiny test config with ``run_dir`` and extra ``a.b=c`` overrides."""
+    return load_config(None, [*BASE_OVERRIDES, f"run_dir={run_dir}", *extra])
+
+
+def round0_run(root: Path, extra: Sequence[str] = ()) -> Path:
+    """A run folder with the cohort, tiles and a finished round 0 (built once per settings, then copied)."""
+    from icmil.coupling.driver import prepare_run, run_round
+    from icmil.stages import tile_stage
+    from icmil.tracking.base import NullTracker
+
+    key = tuple(extra)
+    if key not in _BUILT:
+        base = root / f"round0-{len(_BUILT)}"
+        cfg = tiny_config(base, [*extra, "coupling.rounds=0"])
+        manifest_csv, lesions = prepare_run(cfg)
+        tile_stage(cfg, manifest_csv, base / "tiles")
+        run_round(cfg, base, manifest_csv, 0, NullTracker(), lesions)
+        _BUILT[key] = base
+    return _BUILT[key]
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a prepared run folder (tests then change it freely)."""
+    shutil.copytree(src, dst)
+    return dst

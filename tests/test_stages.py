@@ -1,0 +1,149 @@
+"""Stage functions and the round driver: markers, resume after a kill, one split, config guard, summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from icmil.coupling import run_coupling
+from icmil.coupling.driver import config_conflicts, prepare_run
+from icmil.errors import ConfigError
+from icmil.stages import _numeric, marker_path, mil_config_with, read_marker
+from icmil.tracking.base import NullTracker
+from tests.coupling._cohort import copy_run, round0_run, tiny_config
+
+
+class Killed(RuntimeError):
+    """Stands in for the process being killed."""
+
+
+class RecordingTracker:
+    """Records every stage run it opens; raises ``Killed`` when a chosen stage starts (a kill at that point)."""
+
+    def __init__(self, kill_at: tuple[str, int | None] | None = None) -> None:
+        self.opened: list[tuple[str, int | None]] = []
+        self.metrics: list[tuple[str, int | None, dict[str, float]]] = []
+        self.kill_at = kill_at
+
+    @contextlib.contextmanager
+    def stage(
+        self, name: str, round_index: int | None = None, tags: Mapping[str, str] | None = None
+    ) -> Iterator[Any]:
+        if (name, round_index) == self.kill_at:
+            raise Killed(f"killed at the start of {name} round {round_index}")
+        self.opened.append((name, round_index))
+        tracker = self
+
+        class _Run:
+            run_id = f"{name}-{round_index}"
+
+            def log_params(self, params: Mapping[str, Any]) -> None:
+                return None
+
+            def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+                tracker.metrics.append((name, round_index, dict(metrics)))
+
+            def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+                assert Path(path).exists()
+
+            def set_tags(self, tags: Mapping[str, str]) -> None:
+                return None
+
+        yield _Run()
+
+    def parent(self) -> contextlib.AbstractContextManager[Any]:
+        return NullTracker().parent()
+
+
+@pytest.fixture(scope="module")
+def run0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return round0_run(tmp_path_factory.mktemp("stages"))
+
+
+def test_resume_after_a_kill_repeats_no_finished_stage(run0: Path, tmp_path: Path) -> None:
+    run = copy_run(run0, tmp_path / "run")
+    cfg = tiny_config(run, ["coupling.rounds=1"])
+    first = RecordingTracker(kill_at=("embed", 1))  # dies right after round 1's fine-tuning finished
+    with pytest.raises(Killed):
+        run_coupling(cfg, tracker=first)
+    # Round 0 was already finished in the copied folder: only the fine-tuning ran before the kill.
+    assert first.opened == [("finetune", 1)]
+    ft_marker = marker_path(run / "round_1" / "encoder")
+    done = read_marker(ft_marker)
+    assert done is not None and done["stage"] == "finetune" and done["round"] == 1
+    assert (
+        not (run / "round_1" / "features").exists()
+        or read_marker(marker_path(run / "round_1" / "features")) is None
+    )
+    stamp = ft_marker.stat().st_mtime_ns
+
+    second = RecordingTracker()
+    summary = run_coupling(cfg, tracker=second)
+    assert second.opened == [("embed", 1), ("train", 1), ("evaluate", 1)]
+    assert ft_marker.stat().st_mtime_ns == stamp  # the fine-tuned encoder was not recomputed
+    assert list(summary["round"]) == [0, 1]
+
+    third = RecordingTracker()
+    run_coupling(cfg, tracker=third)
+    assert third.opened == []  # everything finished: nothing reruns
+
+    # Round 1 used round 0's encoder as its teacher and wrote a different (or identical, if step 0 won) one.
+    ft = json.loads((run / "round_1" / "encoder" / "finetune.json").read_text())
+    r0 = read_marker(marker_path(run / "round_0" / "encoder"))
+    assert read_marker(ft_marker)["teacher_encoder_digest"] == r0["encoder_digest"]  # type: ignore[index]
+    assert ft["n_train_slides"] == int((pd.read_csv(run / "manifest.csv")["split"] == "train").sum())
+
+    # Summary table, JSON and plot.
+    table = pd.read_csv(run / "summary.csv")
+    assert list(table["round"]) == [0, 1] and table["test_auc"].notna().all()
+    assert json.loads((run / "summary.json").read_text())[1]["round"] == 1
+    assert (run / "summary.png").stat().st_size > 1000
+    for k in (0, 1):
+        metrics = json.loads((run / f"round_{k}" / "metrics.json").read_text())
+        assert {"val_auc", "test_auc", "patch_auc_test", "patch_auc_all"} <= set(metrics)
+    assert json.loads((run / "round_1" / "metrics.json").read_text())["finetune_best_step"] == ft["best_step"]
+
+
+def test_one_split_for_every_stage_and_round(run0: Path) -> None:
+    resolved = pd.read_csv(run0 / "manifest.csv")
+    source = pd.read_csv(run0 / "synth" / "manifest.csv")
+    assert dict(zip(resolved["slide_id"], resolved["split"], strict=True)) == dict(
+        zip(source["slide_id"], source["split"], strict=True)
+    )
+    head_preds = pd.read_csv(run0 / "round_0" / "head" / "predictions.csv")
+    split_of = dict(zip(resolved["slide_id"], resolved["split"], strict=True))
+    assert all(split_of[s] == sp for s, sp in zip(head_preds["slide_id"], head_preds["split"], strict=True))
+
+
+def test_resuming_with_different_settings_is_refused(run0: Path, tmp_path: Path) -> None:
+    run = copy_run(run0, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"coupling\.lr"):
+        prepare_run(tiny_config(run, ["coupling.lr=0.5"]))
+    # Settings that do not change results (more rounds, workers, devices) are fine.
+    prepare_run(tiny_config(run, ["coupling.rounds=3", "embed.num_workers=1"]))
+
+
+def test_config_conflicts_and_helpers() -> None:
+    assert config_conflicts({"a": {"b": 1}, "tracking": {"x": 1}}, {"a": {"b": 2}, "tracking": {"x": 2}}) == [
+        "a.b"
+    ]
+    assert _numeric({"val": {"auc": 0.5}, "n": 3, "ok": True, "s": "x"}) == {"val_auc": 0.5, "n": 3.0}
+    cfg = tiny_config(Path("unused"))
+    assert mil_config_with(cfg, {"lr": 1e-3}).lr == 1e-3
+    with pytest.raises(ConfigError, match="not fields"):
+        mil_config_with(cfg, {"learning_rate": 1e-3})
+    assert marker_path("d", ["b", "a"]) == marker_path("d", ["a", "b"]) != marker_path("d")
+
+
+def test_corrupt_marker_is_reported(tmp_path: Path) -> None:
+    from icmil.errors import FeatureStoreError
+
+    (tmp_path / "stage.json").write_text("{not json")
+    with pytest.raises(FeatureStoreError, match="delete it"):
+        read_marker(tmp_path / "stage.json")
