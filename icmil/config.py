@@ -181,7 +181,10 @@ class CouplingConfig(_Section):
     )
     device: str = Field("auto", description="auto: cuda if available, else cpu")
     initial_bn_calibration: int = Field(
-        0, ge=0, description="round-0 encoder: re-estimate BatchNorm statistics on this many training patches"
+        1000,
+        ge=0,
+        description="random-init round-0 encoder only: re-estimate its BatchNorm statistics on this many "
+        "training patches (0 = off; encoders with weights are never touched)",
     )
     amp: bool = True
     channels_last: bool = True
