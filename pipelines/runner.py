@@ -206,9 +206,11 @@ def format_summary(summary: RunSummary) -> str:
         ]
     reg = summary.registration
     if reg:
-        verdict = "the gate promotes it" if reg.get("promote") else "the gate keeps the current champion"
+        # The pre-check decides whether the promote task runs; that task re-checks and has the last word,
+        # so the line below reads the registry's champion after the run.
+        verdict = "challenger wins -> promote" if reg.get("promote") else "champion stays"
         lines.append(
-            f"registered {reg.get('model')} v{reg.get('version')}: {verdict} ({reg.get('reason', '')})"
+            f"registered {reg.get('model')} v{reg.get('version')}; gate: {verdict} ({reg.get('reason', '')})"
         )
         if reg.get("champion"):
             lines.append(

@@ -74,8 +74,5 @@ def test_format_summary_prints_locations_table_and_decision(tmp_path: Path) -> N
     table = text.split("per-round metrics", 1)[1]
     assert re.search(r"round\s+val_auc\s+test_auc", table)
     assert re.search(r"\n\s*1\s+0\.8000\s+0\.7500\n", table)  # rounds print as integers
-    assert (
-        "v3: the gate keeps the current champion (ties)" in text
-        and "models:/icmil-slide-classifier@champion" in text
-    )
+    assert "v3; gate: champion stays (ties)" in text and "models:/icmil-slide-classifier@champion" in text
     assert "/x/head" in text and "/x/tiles" not in text
