@@ -35,7 +35,15 @@ SECRET_SENTINELS = {
     "KF_PIPELINES_TOKEN": "s3ntinel-token",
 }
 # The one big pipeline most checks read: GPU settings from the config, 2 rounds, parallel tuning.
-FULL = (*GPU_OVERRIDES, "coupling.rounds=2", "tuning.enabled=true", "tuning.workers=3")
+FULL = (
+    *GPU_OVERRIDES,
+    "coupling.rounds=2",
+    "coupling.initial_bn_calibration=256",
+    "tuning.enabled=true",
+    "tuning.workers=3",
+)
+# One round, initial encoder straight from the config (no BatchNorm calibration): the golden file's pipeline.
+R1 = ("coupling.rounds=1", "coupling.initial_bn_calibration=0")
 _CACHE: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any], Path]] = {}
 
 
@@ -83,15 +91,17 @@ def expected_names(rounds: int, tuning: bool = False) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("overrides", [("coupling.rounds=1",), FULL], ids=["rounds1", "rounds2-tuned"])
+@pytest.mark.parametrize("overrides", [R1, FULL], ids=["rounds1", "rounds2-tuned-calibrated"])
 def test_rounds_unroll_into_the_expected_task_graph(out_dir: Path, overrides: tuple[str, ...]) -> None:
-    rounds, tuning = (1, False) if len(overrides) == 1 else (2, True)
+    rounds, tuning = (1, False) if overrides == R1 else (2, True)
     spec, _, _ = compile_cfg(out_dir, overrides)
     tasks = kfp_yaml.leaf_tasks(spec)
     assert set(tasks) == expected_names(rounds, tuning)
     up = {name: ts[0].upstream for name, ts in tasks.items()}
-    assert {"prepare", "encoder-r0"} <= up["embed-r0"] and "tile" in up["embed-r0"]
-    assert {"tile", "embed-r0"} <= up["merge-tiles"]
+    # Round-0 embedding waits for its shard's tiles, or (BatchNorm calibration) for all tiles and the encoder.
+    first_tiles = {"tile"} if overrides == R1 else {"merge-tiles"}
+    assert {"prepare", "encoder-r0"} | first_tiles <= up["embed-r0"]
+    assert "tile" in up["merge-tiles"]
     for r in range(1, rounds + 1):
         # Stage 2 of round r: teacher = round r-1's head + encoder; then re-embed and retrain.
         assert {f"train-head-r{r - 1}", "merge-tiles"} <= up[f"finetune-r{r}"]
@@ -108,6 +118,7 @@ def test_rounds_unroll_into_the_expected_task_graph(out_dir: Path, overrides: tu
     assert expected_names(rounds, tuning) - {"close-run"} <= up["close-run"]
     # The shard loops: one tile + embed per shard, fanned out over prepare's shard list.
     assert tasks["tile"][0].groups[-1] == "shards-r0"
+    assert tasks["embed-r0"][0].groups[-1] == ("shards-r0" if overrides == R1 else "shards-embed-r0")
     assert tasks[f"embed-r{rounds}"][0].groups[-1] == f"shards-r{rounds}"
 
 
@@ -133,7 +144,7 @@ def test_tuning_adds_a_study_per_round_with_parallel_workers(out_dir: Path) -> N
     "extra", [(), ("pipeline.gpu_stages=[embed, finetune, tune, train]",)], ids=["default", "train-on-gpu"]
 )
 def test_gpu_placement_only_on_gpu_stages(out_dir: Path, extra: tuple[str, ...]) -> None:
-    overrides = (*FULL, *extra) if not extra else (*GPU_OVERRIDES, "coupling.rounds=1", *extra)
+    overrides = (*FULL, *extra) if not extra else (*GPU_OVERRIDES, *R1, *extra)
     cfg = load_config(None, list(overrides))
     spec, platform, _ = compile_cfg(out_dir, overrides)
     gpu_pattern = GPU_STAGE if not extra else re.compile(GPU_STAGE.pattern[:-2] + r"|train-head-r\d+)$")
@@ -161,7 +172,7 @@ def test_gpu_placement_only_on_gpu_stages(out_dir: Path, extra: tuple[str, ...])
 
 
 def test_no_gpu_placement_when_gpu_limit_is_zero(out_dir: Path) -> None:
-    spec, platform, _ = compile_cfg(out_dir, ("pipeline.gpu_limit=0",))
+    spec, platform, _ = compile_cfg(out_dir, (*R1, "pipeline.gpu_limit=0"))
     for tasks in kfp_yaml.leaf_tasks(spec).values():
         for task in tasks:
             assert "accelerator" not in kfp_yaml.container(spec, task.executor).get("resources", {})
@@ -245,8 +256,8 @@ def test_cached_steps_receive_only_the_config_sections_they_read(out_dir: Path) 
     )
     assert stage_config(cfg, "train") == cfg
     # So a bag-head setting does not change the tile/embed tasks (their cache keys) in the compiled YAML.
-    spec_a, _, _ = compile_cfg(out_dir, ("coupling.rounds=1",))
-    spec_b, _, _ = compile_cfg(out_dir, ("coupling.rounds=1", "mil.lr=0.002"))
+    spec_a, _, _ = compile_cfg(out_dir, R1)
+    spec_b, _, _ = compile_cfg(out_dir, (*R1, "mil.lr=0.002"))
     for name in ("tile", "embed-r0", "embed-r1"):
         a = kfp_yaml.leaf_tasks(spec_a)[name][0]
         b = kfp_yaml.leaf_tasks(spec_b)[name][0]
@@ -269,8 +280,8 @@ def _task_inputs(spec: dict[str, Any], task: kfp_yaml.Task) -> Any:
 
 
 def test_every_task_gets_the_resolved_config_as_yaml(out_dir: Path) -> None:
-    cfg = load_config(None, ["coupling.rounds=1", "mil.lr=0.002"])
-    spec, _, _ = compile_cfg(out_dir, ("coupling.rounds=1", "mil.lr=0.002"))
+    cfg = load_config(None, [*R1, "mil.lr=0.002"])
+    spec, _, _ = compile_cfg(out_dir, (*R1, "mil.lr=0.002"))
     train = kfp_yaml.leaf_tasks(spec)["train-head-r0"][0]
     text = _task_inputs(spec, train)["parameters"]["config_yaml"]["runtimeValue"]["constant"]
     assert config_from_yaml(text) == cfg
@@ -298,7 +309,7 @@ def test_manifest_becomes_a_runtime_parameter_and_pvc_holds_the_slide_cache(out_
         )
     assert "pvcMount" not in kfp_yaml.executor_platform(platform, tasks["train-head-r0"][0].executor)
     # A synthetic cohort has no runtime parameter at all.
-    spec, _, _ = compile_cfg(out_dir, ("coupling.rounds=1",))
+    spec, _, _ = compile_cfg(out_dir, R1)
     assert "inputDefinitions" not in spec["root"]
 
 
@@ -327,7 +338,7 @@ def _normalised(path: Path) -> list[Any]:
 def test_compiled_pipeline_loads_back_and_matches_the_golden_file(out_dir: Path) -> None:
     from kfp import components
 
-    _, _, path = compile_cfg(out_dir, ("coupling.rounds=1",))
+    _, _, path = compile_cfg(out_dir, R1)
     loaded = components.load_component_from_file(str(path))
     assert loaded.name == "icmil"
     assert "challenger-wins" in path.read_text()
@@ -355,6 +366,7 @@ def test_compiled_pipeline_loads_back_and_matches_the_golden_file(out_dir: Path)
 
 def test_batchnorm_calibration_builds_the_initial_encoder_from_the_tiles(out_dir: Path) -> None:
     spec, _, _ = compile_cfg(out_dir, ("coupling.rounds=1", "coupling.initial_bn_calibration=256"))
+    # (FULL has calibration too; this one-round variant keeps the check small.)
     tasks = kfp_yaml.leaf_tasks(spec)
     up = {name: ts[0].upstream for name, ts in tasks.items()}
     assert {"merge-tiles", "prepare"} <= up["encoder-r0"]

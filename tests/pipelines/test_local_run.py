@@ -30,6 +30,7 @@ TINY = [
     "coupling.max_steps=2",
     "coupling.eval_every=2",
     "coupling.num_workers=0",
+    "coupling.initial_bn_calibration=64",
     "pipeline.shards=2",
     "tracking.promotion_floor=0.0",
 ]
