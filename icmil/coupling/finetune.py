@@ -9,8 +9,8 @@ One call = one round's fine-tuning (METHOD.md, faithful by default):
 * options: TMI confidence weights (β per head), hard negatives, balanced sampler, per-slide confidence,
   stain/colour augmentation (CouplingConfig);
 * selection on a slide-level signal: every ``eval_every`` steps the VALIDATION slides are re-embedded with the
-  student and scored by the frozen bag head; the best student by (val AUC, then lower val cross-entropy) is
-  kept. Step 0 — the teacher itself — is a candidate and wins ties, so coupling never returns an encoder that
+  student and scored by the frozen bag head; the best student by (val AUC, then val separation — the
+  shift/scale-invariant correlation of slide log-odds with the labels) is kept. Step 0 — the teacher itself — is a candidate and wins ties, so coupling never returns an encoder that
   scores worse on validation than the one it started from. Distance to the teacher is never used.
 
 On CUDA: bf16 autocast and channels_last. Outputs (``out_dir``): ``weights.safetensors`` + ``config.json``
@@ -137,17 +137,43 @@ def _amp_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
+def separation(labels: np.ndarray, logits: np.ndarray) -> float:
+    """How well slide log-odds separate the classes, invariant to any shift or scale of the logits: the
+    point-biserial correlation between "is class c" and ``logit_c − logsumexp(other logits)``, averaged over
+    classes (one class for binary). In [−1, 1]; NaN with a single class.
+
+    >>> round(separation(np.array([0, 0, 1, 1]), np.array([[0, -1], [0, -2], [0, 1], [0, 3]])), 3)
+    0.903
+    """
+    y = np.asarray(labels)
+    z = np.asarray(logits, dtype=float)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    classes = [1] if z.shape[1] == 2 else list(range(z.shape[1]))
+    values = []
+    for c in classes:
+        others = np.delete(z, c, axis=1)
+        log_odds = z[:, c] - np.logaddexp.reduce(others, axis=1)
+        is_c = (y == c).astype(float)
+        if is_c.std() == 0:
+            continue
+        sd = log_odds.std()
+        values.append(0.0 if sd < 1e-12 else float(np.corrcoef(is_c, log_odds)[0, 1]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+@torch.no_grad()
 def score_val(
     head: MILHead, features: Mapping[str, np.ndarray], labels: Mapping[str, int], device: torch.device
 ) -> dict[str, float]:
-    """Slide-level validation signal of ``features`` under the frozen bag ``head``: AUC and mean cross-entropy.
-
-    AUC is one-vs-rest macro for more than two classes, NaN when the slides hold a single class.
-    """
+    """Slide-level validation signal of ``features`` under the frozen bag ``head``: AUC (one-vs-rest macro for
+    more than two classes; NaN with a single class), :func:`separation` of the slide log-odds, and the mean
+    cross-entropy (reported, not used for selection: a head scoring features it was not trained on is
+    miscalibrated by any uniform shift of those features, which says nothing about their ranking)."""
     from sklearn.metrics import roc_auc_score
 
     head.eval()
-    probs, ys, losses = [], [], []
+    logits_all, ys, losses = [], [], []
     # DTFD and friends draw random pseudo-bags in training only, but fix the RNG anyway: selection must be
     # a deterministic function of the encoder.
     with torch.random.fork_rng(devices=[]):
@@ -157,9 +183,10 @@ def score_val(
             logits = out.logits.float().view(1, -1)
             y = torch.tensor([int(labels[sid])], device=logits.device)
             losses.append(float(F.cross_entropy(logits, y)))
-            probs.append(logits.softmax(-1)[0].cpu().numpy())
+            logits_all.append(logits[0].cpu().numpy())
             ys.append(int(labels[sid]))
-    p = np.stack(probs) if probs else np.zeros((0, 2))
+    z = np.stack(logits_all) if logits_all else np.zeros((0, 2))
+    p = torch.from_numpy(z).softmax(-1).numpy()
     y_arr = np.asarray(ys)
     auc = float("nan")
     if len(np.unique(y_arr)) >= 2:
@@ -169,15 +196,20 @@ def score_val(
             auc = float(roc_auc_score(y_arr, p, multi_class="ovr", labels=list(range(p.shape[1]))))
     return {
         "val_auc": auc,
+        "val_separation": separation(y_arr, z),
         "val_loss": float(np.mean(losses)) if losses else float("nan"),
         "val_slides": len(ys),
     }
 
 
 def _selection_key(metrics: Mapping[str, float]) -> tuple[float, float]:
-    auc = metrics["val_auc"]
-    loss = metrics["val_loss"]
-    return (-math.inf if math.isnan(auc) else auc, -math.inf if math.isnan(loss) else -loss)
+    """(val AUC, val separation): bigger is better; NaN counts as worst."""
+
+    def val(k: str) -> float:
+        v = metrics.get(k, float("nan"))
+        return -math.inf if v is None or math.isnan(v) else float(v)
+
+    return (val("val_auc"), val("val_separation"))
 
 
 def finetune_encoder(
@@ -239,7 +271,7 @@ def finetune_encoder(
     if not val_sources:
         raise ICMILError(f"coupling: no validation slide is readable: {val_failures}")
 
-    pair = make_teacher_student(encoder, head)
+    pair = make_teacher_student(encoder, head, student_bn=cc.student_bn)
     digest_fn = getattr(encoder, "digest", None)
     pool, pool_sources = build_pool(
         train_sources,
@@ -287,16 +319,15 @@ def finetune_encoder(
     teacher_metrics = evaluate(pair.teacher_encoder)
     eval_seconds = time.perf_counter() - t_eval
     log.info(
-        "coupling step 0 (teacher): val AUC %.4f, val loss %.4f on %d slides",
+        "coupling step 0 (teacher): val AUC %.4f, separation %.4f, loss %.4f on %d slides",
         teacher_metrics["val_auc"],
+        teacher_metrics["val_separation"],
         teacher_metrics["val_loss"],
         teacher_metrics["val_slides"],
     )
     history: list[dict[str, Any]] = [{"step": 0, **teacher_metrics, "selected": True}]
     if run is not None:
-        run.log_metrics(
-            {"val_auc": teacher_metrics["val_auc"], "val_loss": teacher_metrics["val_loss"]}, step=0
-        )
+        run.log_metrics({k: teacher_metrics[k] for k in ("val_auc", "val_separation", "val_loss")}, step=0)
     if step_callback is not None:
         step_callback(0, dict(teacher_metrics))
     best_key, best_step, best_metrics = _selection_key(teacher_metrics), 0, dict(teacher_metrics)
@@ -376,6 +407,7 @@ def finetune_encoder(
                 train_seconds += time.perf_counter() - t_train
                 t_eval = time.perf_counter()
                 metrics = evaluate(pair.student_encoder)
+                pair.train_student()  # evaluation switched the student to eval mode and back
                 eval_seconds += time.perf_counter() - t_eval
                 mean_losses = {f"train_{k}": v / max(running_n, 1) for k, v in running.items()}
                 running, running_n = {}, 0
@@ -391,9 +423,10 @@ def finetune_encoder(
                     evals_since_best += 1
                 history.append({"step": step, **metrics, "selected": improved})
                 log.info(
-                    "coupling step %d: val AUC %.4f, val loss %.4f (best: step %d, AUC %.4f)%s",
+                    "coupling step %d: val AUC %.4f, separation %.4f, loss %.4f (best: step %d, AUC %.4f)%s",
                     step,
                     metrics["val_auc"],
+                    metrics["val_separation"],
                     metrics["val_loss"],
                     best_step,
                     best_metrics["val_auc"],
@@ -401,7 +434,7 @@ def finetune_encoder(
                 )
                 if run is not None:
                     run.log_metrics(
-                        {"val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], **mean_losses},
+                        {**{k: metrics[k] for k in ("val_auc", "val_separation", "val_loss")}, **mean_losses},
                         step=step,
                     )
                 if step_callback is not None:
@@ -438,6 +471,7 @@ def finetune_encoder(
             "options": {
                 k: getattr(cc, k)
                 for k in (
+                    "student_bn",
                     "confidence",
                     "hard_negatives",
                     "balanced_sampler",

@@ -37,6 +37,18 @@ class TeacherStudent:
     teacher_head: MILHead
     student_encoder: nn.Module
     student_head: MILHead
+    student_bn: str = "train"
+
+    def train_student(self) -> TeacherStudent:
+        """Put the student in training mode; with ``student_bn="frozen"`` its BatchNorm layers stay in eval mode
+        (running statistics fixed at the teacher's, affine parameters still trained)."""
+        self.student_encoder.train()
+        self.student_head.train()
+        if self.student_bn == "frozen":
+            for m in self.student_encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def student_parameters(self) -> Iterator[nn.Parameter]:
         """Every student parameter (encoder, trunk, head). Parameters of the bag head that the instance path
@@ -62,12 +74,20 @@ def freeze(module: M) -> M:
     return module
 
 
-def make_teacher_student(encoder: nn.Module, head: MILHead) -> TeacherStudent:
-    """Deep-copy ``encoder`` and ``head`` twice: a frozen teacher and a trainable student (inputs untouched)."""
+def make_teacher_student(encoder: nn.Module, head: MILHead, student_bn: str = "train") -> TeacherStudent:
+    """Deep-copy ``encoder`` and ``head`` twice: a frozen teacher and a trainable student (inputs untouched).
+
+    ``student_bn``: ``"train"`` (faithful: the student's BatchNorm normalises with batch statistics and keeps
+    updating its running statistics — on augmented views) or ``"frozen"`` (running statistics stay the
+    teacher's, so the student starts as exactly the teacher and its clean-patch features do not drift).
+    """
+    if student_bn not in ("train", "frozen"):
+        raise ValueError(f"student_bn must be 'train' or 'frozen', got {student_bn!r}")
     teacher_encoder = freeze(copy.deepcopy(encoder))
     teacher_head = freeze(copy.deepcopy(head))
-    student_encoder = copy.deepcopy(encoder).train()
-    student_head = copy.deepcopy(head).train()
+    student_encoder = copy.deepcopy(encoder)
+    student_head = copy.deepcopy(head)
     for p in (*student_encoder.parameters(), *student_head.parameters()):
         p.requires_grad_(True)
-    return TeacherStudent(teacher_encoder, teacher_head, student_encoder, student_head)
+    pair = TeacherStudent(teacher_encoder, teacher_head, student_encoder, student_head, student_bn)
+    return pair.train_student()

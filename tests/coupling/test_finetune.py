@@ -60,10 +60,10 @@ def test_training_patches_come_only_from_training_slides(run0: Path, monkeypatch
 @pytest.mark.parametrize(
     ("scores", "expected_step"),
     [
-        ([(0.8, 0.5), (0.7, 0.4), (0.6, 0.3)], 0),  # students worse on AUC: the teacher stays
+        ([(0.8, 0.5), (0.7, 0.6), (0.6, 0.7)], 0),  # students worse on AUC: the teacher stays
         ([(0.8, 0.5), (0.8, 0.5), (0.8, 0.5)], 0),  # exact ties: the teacher (earliest) wins
-        ([(0.8, 0.5), (0.8, 0.6), (0.8, 0.4)], 2),  # equal AUC: lower val loss breaks the tie
-        ([(0.8, 0.5), (0.9, 0.9), (0.85, 0.1)], 1),  # AUC first, loss only among equal AUCs
+        ([(0.8, 0.5), (0.8, 0.4), (0.8, 0.6)], 2),  # equal AUC: higher separation breaks the tie
+        ([(0.8, 0.5), (0.9, 0.1), (0.85, 0.9)], 1),  # AUC first, separation only among equal AUCs
     ],
 )
 def test_selection_includes_the_teacher_as_step_zero(
@@ -75,7 +75,10 @@ def test_selection_includes_the_teacher_as_step_zero(
     monkeypatch.setattr(
         ft,
         "score_val",
-        lambda *a, **k: dict(zip(("val_auc", "val_loss"), queue.pop(0), strict=True)) | {"val_slides": 2},
+        lambda *a, **k: (
+            dict(zip(("val_auc", "val_separation"), queue.pop(0), strict=True))
+            | {"val_loss": 0.7, "val_slides": 2}
+        ),
     )
     cfg, manifest, encoder, head = _inputs(
         run0, ["coupling.max_steps=2", "coupling.eval_every=1", "coupling.batch_size=8"]
@@ -103,7 +106,7 @@ def test_selection_picks_the_best_evaluation_and_the_student_moves(run0: Path, t
         features_dir=run0 / "round_0" / "features",
     )
     evals = res.history[res.history["val_auc"].notna()].reset_index(drop=True)
-    key = list(zip(evals["val_auc"], -evals["val_loss"], strict=True))
+    key = list(zip(evals["val_auc"], evals["val_separation"], strict=True))
     best = max(range(len(key)), key=lambda i: (key[i], -i))  # earliest of the best
     assert int(evals["step"][best]) == res.best_step
     losses = res.history[res.history["loss"].notna()]

@@ -158,3 +158,34 @@ def test_teacher_is_a_frozen_copy_and_inputs_are_untouched() -> None:
     assert any(not torch.equal(v, before[k]) for k, v in pair.student_encoder.state_dict().items())
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_frozen_student_bn_keeps_running_statistics() -> None:
+    from torch import nn
+
+    class BNEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3)
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    enc = BNEncoder()
+    for mode, moves in (("train", True), ("frozen", False)):
+        pair = make_teacher_student(enc, TinyHead(), student_bn=mode)
+        assert pair.student_encoder.training and pair.student_encoder.bn.training == moves
+        before = pair.student_encoder.bn.running_mean.clone()
+        x = torch.rand(8, 3, 8, 8) * 3
+        t = teacher_outputs(pair.teacher_encoder, pair.teacher_head, x)
+        loss = coupling_losses(t, pair.student_encoder, pair.student_head, x.flip(-1)).total
+        loss.backward()
+        assert (
+            pair.student_encoder.conv.weight.grad is not None
+            and pair.student_encoder.bn.weight.grad is not None
+        )
+        assert (not torch.equal(before, pair.student_encoder.bn.running_mean)) == moves
+    with pytest.raises(ValueError, match="student_bn"):
+        make_teacher_student(enc, TinyHead(), student_bn="bogus")
