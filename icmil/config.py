@@ -180,6 +180,11 @@ class CouplingConfig(_Section):
         None, ge=1, description="cap on patches per val slide when re-embedding for selection (None: all)"
     )
     device: str = Field("auto", description="auto: cuda if available, else cpu")
+    student_bn: Literal["train", "frozen"] = Field(
+        "train",
+        description="train: student BatchNorm uses batch statistics and updates its running statistics (faithful); "
+        "frozen: running statistics stay the teacher's (affine parameters still train)",
+    )
     initial_bn_calibration: int = Field(
         1000,
         ge=0,
