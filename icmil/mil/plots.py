@@ -13,11 +13,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -71,22 +69,15 @@ def plot_roc(
     return _save(fig, out)
 
 
-def _open_slide(path: str, slide_id: str) -> Any:
-    # The project's opener gives clear SlideErrors; plain OpenSlide where icmil.slides lacks it.
-    opener = getattr(importlib.import_module("icmil.slides"), "open_slide", None)
-    if opener is not None:
-        return opener(path, slide_id)
-    from openslide import OpenSlide
-
-    return OpenSlide(path)
-
-
 def _thumbnail(slide_path: str | None, slide_id: str) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """(RGB thumbnail, level-0 (width, height)) or None when the slide cannot be read here."""
+    """(RGB thumbnail, level-0 (width, height)) or None when the slide is not a readable local file here
+    (remote ``s3://`` slides are not downloaded just for a picture)."""
     if not slide_path or slide_path.startswith("s3://") or not Path(slide_path).is_file():
         return None
+    from icmil.slides import open_slide  # lazy: OpenSlide is only needed for pictures
+
     try:
-        slide = _open_slide(slide_path, slide_id)
+        slide = open_slide(slide_path, slide_id)
         try:
             thumb = np.asarray(slide.get_thumbnail((THUMBNAIL_PX, THUMBNAIL_PX)).convert("RGB"))
             dims = slide.dimensions

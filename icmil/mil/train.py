@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -261,9 +262,10 @@ def train_mil_head(
     if state is None:
         head, optimizer = fresh()  # a failed load may have left half-restored weights
         state = TrainingState(run_key=run_key)
-        # Outputs of an older, different run must not sit next to this one's.
-        for stale in ("metrics.json", "predictions.csv", "history.csv"):
+        # Outputs of an older, different run must not sit next to (or be mistaken for) this one's.
+        for stale in ("metrics.json", "predictions.csv", "history.csv", "roc.png", WEIGHTS_FILE, CONFIG_FILE):
             (out / stale).unlink(missing_ok=True)
+        shutil.rmtree(out / "heatmaps", ignore_errors=True)
     else:
         log.info("resuming %s from epoch %d (best so far: epoch %d)", cfg.head, state.epoch, state.best_epoch)
     resumed_from = state.epoch

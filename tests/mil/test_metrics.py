@@ -162,3 +162,17 @@ def test_optimiser_defaults_follow_method_md() -> None:
     assert isinstance(opt, Lookahead) and isinstance(opt.inner, torch.optim.RAdam)
     assert opt.param_groups[0]["lr"] == 2e-4 and opt.param_groups[0]["weight_decay"] == 1e-5
     assert build_optimizer("abmil", p, MILConfig(lr=3e-3)).param_groups[0]["lr"] == 3e-3
+
+
+def test_heatmap_uses_the_slide_thumbnail_when_readable(tmp_path: Path) -> None:
+    from icmil.config import SynthConfig
+    from icmil.mil.plots import _thumbnail
+    from icmil.slides import write_synthetic_slide
+
+    slide = tmp_path / "s.tiff"
+    write_synthetic_slide(slide, SynthConfig(), seed=1, positive=False, width=1024, height=768)
+    thumb = _thumbnail(str(slide), "s")
+    assert thumb is not None and thumb[1] == (1024, 768) and thumb[0].ndim == 3
+    assert _thumbnail(str(tmp_path / "missing.tiff"), "m") is None
+    xy = np.array([[0, 0], [256, 256]])
+    assert plot_heatmap(xy, np.array([0.0, 1.0]), 256, tmp_path / "h.png", slide_path=str(slide)).is_file()

@@ -116,8 +116,9 @@ class NystromAttention(nn.Module):
             kernel1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (B, h, n, m)
             kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # (B, h, m, m)
             kernel3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # (B, h, m, n)
-            # Associate so that nothing n x n is ever formed.
-            out = (kernel1 @ iterative_pinv(kernel2, self.pinv_iterations)) @ (kernel3 @ v)
+            # Right to left: (m x m)(m x d) products first, so the only n-sized products are n x m x d
+            # (multiplying kernel1 by the m x m pseudo-inverse first would cost n x m x m and an n x m buffer).
+            out = kernel1 @ (iterative_pinv(kernel2, self.pinv_iterations) @ (kernel3 @ v))
         if self.residual is not None:
             out = out + self.residual(v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)), scores
