@@ -139,7 +139,7 @@ class MILConfig(_Section):
         0.1,
         ge=0,
         le=1,
-        description="fail when more slides than this lack a features file (others are skipped)",
+        description="fail when more slides lack usable features (missing/empty file); the rest are skipped",
     )
 
 

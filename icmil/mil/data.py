@@ -100,8 +100,8 @@ class BagStore:
                 self._cache.popitem(last=False)
         return bag
 
-    def feature_dim(self, slide_id: str) -> int:
-        """D of the slide's features, read from the HDF5 header only."""
+    def shape(self, slide_id: str) -> tuple[int, int]:
+        """(N, D) of the slide's features, read from the HDF5 header only."""
         path = self.path(slide_id)
         try:
             with h5py.File(path, "r") as h5:
@@ -110,7 +110,32 @@ class BagStore:
             raise FeatureStoreError(
                 f"slide {slide_id!r}: cannot read features shape from {path}: {err}"
             ) from None
-        return int(shape[-1])
+        if len(shape) == 3 and shape[0] == 1:  # TRIDENT/CLAM exports with a leading batch axis
+            shape = shape[1:]
+        if len(shape) != 2:
+            raise FeatureStoreError(f"slide {slide_id!r}: {path} 'features' must be (N, D), got {shape}")
+        return int(shape[0]), int(shape[1])
+
+    def feature_dim(self, slide_id: str) -> int:
+        """D of the slide's features, read from the HDF5 header only."""
+        return self.shape(slide_id)[1]
+
+    def unusable(self, slide_ids: Iterable[str]) -> dict[str, str]:
+        """Slides that cannot be a bag, with a message naming the file: no features file, an unreadable
+        one, or one with zero patches (a slide without tissue)."""
+        ids = list(slide_ids)
+        out = self.missing(ids)
+        for sid in ids:
+            if sid in out:
+                continue
+            try:
+                n, _ = self.shape(sid)
+            except FeatureStoreError as err:
+                out[sid] = str(err)
+                continue
+            if n == 0:
+                out[sid] = f"features file {self.path(sid)} holds no patches (0 rows; no tissue found?)"
+        return out
 
     def missing(self, slide_ids: Iterable[str]) -> dict[str, str]:
         """Slides whose features file does not exist, with a message naming the file."""

@@ -159,7 +159,7 @@ def evaluate_mil_head(
     if frame.empty:
         raise ManifestError(f"manifest {m.source or ''} has no slides in split {split!r}")
     store = BagStore(features_dir, cache_size=0)
-    skipped = store.missing(frame["slide_id"])
+    skipped = store.unusable(list(frame["slide_id"]))
     for sid, why in skipped.items():
         log.error("slide %r skipped: %s", sid, why)
     frame = frame[~frame["slide_id"].isin(skipped)]

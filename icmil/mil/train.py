@@ -212,8 +212,9 @@ def train_mil_head(
     """Train ``cfg.head`` on the manifest's ``train`` split, select on ``val``, then score every split once.
 
     ``manifest``: a resolved :class:`Manifest` (or its CSV path) with the ``split`` column filled in; it is never
-    re-split. ``features_dir`` holds ``<slide_id>.h5``. Slides without a features file are logged, listed in
-    ``metrics.json["skipped_slides"]`` and left out (``StageFailed`` above ``cfg.max_missing_fraction``).
+    re-split. ``features_dir`` holds ``<slide_id>.h5``. Slides without a usable features file (missing,
+    unreadable, zero patches) are logged, listed with the reason in ``metrics.json["skipped_slides"]`` and left
+    out (``StageFailed`` above ``cfg.max_missing_fraction``).
     ``epoch_callback(epoch, {"train_loss", "val_loss", "val_auc", "val_accuracy", "seconds"})`` runs after
     each epoch's checkpoint is on disk; whatever it raises (e.g. ``optuna.TrialPruned``) propagates, leaving the
     best head so far in ``out_dir/weights.safetensors``. ``lesions`` (``{slide_id: [[x0, y0, x1, y1], ...]}``,
@@ -226,10 +227,10 @@ def train_mil_head(
     out = Path(out_dir)
     store = BagStore(features_dir, cache_size=cfg.cache_bags)
     slides = m.slides
-    skipped = store.missing(slides["slide_id"])
+    skipped = store.unusable(list(slides["slide_id"]))
     for sid, why in sorted(skipped.items()):
         log.error("slide %r skipped: %s", sid, why)
-    check_failure_fraction("train (missing features)", skipped, len(slides), cfg.max_missing_fraction)
+    check_failure_fraction("train (unusable features)", skipped, len(slides), cfg.max_missing_fraction)
     usable = slides[~slides["slide_id"].isin(skipped)]
     train_df, val_df, test_df = (
         usable[usable["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")

@@ -14,6 +14,7 @@ import torch
 
 from icmil.config import MILConfig
 from icmil.errors import ManifestError, StageFailed
+from icmil.features import write_features
 from icmil.manifest import read_manifest
 from icmil.mil import (
     BagStore,
@@ -244,6 +245,15 @@ def test_missing_features_are_reported_and_skipped(tmp_path: Path) -> None:
     assert "train003.h5" in result.skipped["train003"]
     assert "train003" in json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped_slides"]
     assert "train003" not in set(pd.read_csv(tmp_path / "out" / "predictions.csv")["slide_id"])
+    # A slide without tissue has an empty features file: skipped with its reason, like a missing one.
+    write_features(feats / "train005.h5", np.zeros((0, 16), np.float32), np.zeros((0, 2), np.int64), {})
+    again = train_mil_head(
+        manifest,
+        feats,
+        tmp_path / "out3",
+        config("maxpool", epochs=1, max_heatmaps=0, max_missing_fraction=0.2),
+    )
+    assert set(again.skipped) == {"train003", "train005"} and "0 rows" in again.skipped["train005"]
     for sid in ("train004", "val000"):
         (feats / f"{sid}.h5").unlink()
     with pytest.raises(StageFailed, match="val000"):
