@@ -54,6 +54,15 @@ def _manifest(cfg: ICMILConfig, path: Path) -> Any:
     )
 
 
+def _tracking_uris(cfg: ICMILConfig, tracking_uri: str | None) -> tuple[str, str]:
+    """--tracking-uri wins; the registry follows it unless the config names a separate registry."""
+    from icmil.tracking import resolve_registry_uri, resolve_tracking_uri
+
+    if tracking_uri:
+        return tracking_uri, cfg.tracking.registry_uri or tracking_uri
+    return resolve_tracking_uri(cfg), resolve_registry_uri(cfg)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -213,17 +222,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from icmil.tracking import RetryPolicy, promote, resolve_registry_uri, resolve_tracking_uri
+    from icmil.tracking import RetryPolicy, promote
 
     cfg = _config(args)
+    tracking_uri, registry_uri = _tracking_uris(cfg, args.tracking_uri)
     result = promote(
         args.model or cfg.tracking.registered_model,
         metric=cfg.tracking.promotion_metric,
         split=cfg.tracking.promotion_split,
         margin=cfg.tracking.promotion_margin,
         floor=cfg.tracking.promotion_floor,
-        tracking_uri=args.tracking_uri or resolve_tracking_uri(cfg),
-        registry_uri=resolve_registry_uri(cfg),
+        tracking_uri=tracking_uri,
+        registry_uri=registry_uri,
         target_registry_uri=args.target_registry,
         on_data_mismatch=cfg.tracking.on_data_mismatch,
         retry=RetryPolicy.from_config(cfg.tracking),
@@ -234,15 +244,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from icmil.tracking import predict_slides, resolve_registry_uri, resolve_tracking_uri
+    from icmil.tracking import predict_slides
 
     cfg = _config(args)
+    tracking_uri, registry_uri = _tracking_uris(cfg, args.tracking_uri)
     table = predict_slides(
         args.model,
         [str(s) for s in args.slides],
         args.out,
-        tracking_uri=args.tracking_uri or resolve_tracking_uri(cfg),
-        registry_uri=resolve_registry_uri(cfg),
+        tracking_uri=tracking_uri,
+        registry_uri=registry_uri,
     )
     print(table.to_string(index=False))
     print(f"predictions and heatmaps: {args.out}")
