@@ -57,6 +57,7 @@ def test_coupling_target_tunes_stage_two(tmp_path, cohort, monkeypatch):
     cfg = tuning_cfg(
         tmp_path / "run",
         "encoder.name=tiny_cnn",
+        "coupling.initial_bn_calibration=0",  # the stand-in tiles folder is empty: nothing to calibrate on
         "tuning.n_trials=4",
         "coupling.eval_every=2",
         "tuning.coupling_space={lr: {low: 1.0e-7, high: 1.0e-2, log: true}, beta: {low: 1, high: 8}, "
