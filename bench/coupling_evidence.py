@@ -41,6 +41,20 @@ METRICS = ("test_auc", "test_loss", "val_auc", "patch_auc_test", "patch_auc_all"
 
 # Demo-scale settings (documented in docs/coupling.md): 40 epochs for the bag head as in configs/demo.yaml,
 # a stage-2 budget that fits two shared CPU cores, eval every 10 steps.
+# Named stage-2 variants (METHOD.md's faithful default and each improvement on its own).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "faithful": (),
+    "confidence": ("coupling.confidence=true",),
+    "per_slide_confidence": ("coupling.confidence=true", "coupling.per_slide_confidence=true"),
+    "hard_negatives": ("coupling.hard_negatives=true",),
+    "balanced": ("coupling.balanced_sampler=true",),
+    "stain": ("coupling.stain_augment=true",),
+    "frozen_bn": ("coupling.student_bn=frozen",),
+    # Diagnostics: the same fine-tuning without selection (the last student is kept).
+    "faithful_last": ("coupling.selection=last",),
+    "hard_negatives_last": ("coupling.hard_negatives=true", "coupling.selection=last"),
+}
+
 DEFAULT_SETTINGS = (
     "encoder.name=tiny_cnn",
     "mil.epochs=40",
@@ -74,10 +88,10 @@ def _config(
     )
 
 
-def _share_round0(src: Path, dst: Path) -> None:
-    """Give a new run the cohort's tiles and the seed's round-0 encoder + features (finished stages)."""
+def _share(src: Path, dst: Path, parts: tuple[str, ...]) -> None:
+    """Copy finished stage outputs of another run (same cohort/seed) so ``run_coupling`` skips them."""
     dst.mkdir(parents=True, exist_ok=True)
-    for rel in ("manifest.csv", "tiles", "round_0/encoder", "round_0/features"):
+    for rel in parts:
         s, d = src / rel, dst / rel
         if s.exists() and not d.exists():
             d.parent.mkdir(parents=True, exist_ok=True)
@@ -90,50 +104,53 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
-def aggregate(rows: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str, Any]], str]:
-    """Mean ± sd over seeds per (head, round), paired deltas vs round 0, and a markdown table."""
+def aggregate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Mean ± sd over seeds per (head, variant, round), paired deltas vs the shared round 0, markdown table."""
     df = pd.DataFrame(rows)
+    base_all = df[df["round"] == 0]
     out: list[dict[str, Any]] = []
-    for (head, rnd), g in df.groupby(["head", "round"], sort=True):
-        rec: dict[str, Any] = {"head": head, "round": int(rnd), "n_seeds": len(g)}
-        base = df[(df["head"] == head) & (df["round"] == 0)].set_index("seed")
-        for m in METRICS:
-            vals = g[m].astype(float)
-            rec[f"{m}_mean"], rec[f"{m}_sd"] = (
-                float(vals.mean()),
-                float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-            )
-            if rnd > 0:
-                paired = (
-                    g.set_index("seed")[m].astype(float) - base[m].astype(float).reindex(g["seed"]).values
-                )
-                rec[f"{m}_delta_mean"] = float(paired.mean())
-                rec[f"{m}_delta_sd"] = float(paired.std(ddof=1)) if len(paired) > 1 else 0.0
-        rec["finetune_best_step"] = [
-            None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-            for v in g.get("finetune_best_step", pd.Series(dtype=float))
-        ]
-        out.append(rec)
+    for head in dict.fromkeys(df["head"]):
+        base = base_all[base_all["head"] == head].set_index("seed")
+        groups = [("—", 0, base.reset_index())]
+        for variant in dict.fromkeys(df.loc[(df["head"] == head) & (df["round"] > 0), "variant"]):
+            sub = df[(df["head"] == head) & (df["variant"] == variant) & (df["round"] > 0)]
+            groups += [(variant, int(r), g) for r, g in sub.groupby("round", sort=True)]
+        for variant, rnd, g in groups:
+            rec: dict[str, Any] = {"head": head, "variant": variant, "round": rnd, "n_seeds": len(g)}
+            for m in METRICS:
+                vals = g[m].astype(float)
+                rec[f"{m}_mean"] = float(vals.mean())
+                rec[f"{m}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                if rnd > 0:
+                    paired = (
+                        g.set_index("seed")[m].astype(float) - base[m].astype(float).reindex(g["seed"]).values
+                    )
+                    rec[f"{m}_delta_mean"] = float(paired.mean())
+                    rec[f"{m}_delta_sd"] = float(paired.std(ddof=1)) if len(paired) > 1 else 0.0
+            rec["finetune_best_step"] = [
+                None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+                for v in g.get("finetune_best_step", pd.Series(dtype=float))
+            ]
+            out.append(rec)
     lines = [
-        "| head | round | test AUC | test loss | val AUC | patch AUC (test) | patch AUC (all) | Δ test AUC | "
-        "Δ patch AUC (test) | selected step per seed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| head | variant | round | test AUC | test loss | val AUC | patch AUC (test) | patch AUC (all) | "
+        "Δ test AUC | Δ patch AUC (test) | Δ patch AUC (all) | selected step per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out:
-        d_auc = _fmt(r.get("test_auc_delta_mean"), r.get("test_auc_delta_sd", 0)) if r["round"] else "—"
-        d_patch = (
-            _fmt(r.get("patch_auc_test_delta_mean"), r.get("patch_auc_test_delta_sd", 0))
-            if r["round"]
-            else "—"
-        )
+
+        def delta(m: str, r: dict[str, Any] = r) -> str:
+            return _fmt(r.get(f"{m}_delta_mean"), r.get(f"{m}_delta_sd", 0.0)) if r["round"] else "—"
+
         steps = (
-            ", ".join("—" if s is None else str(s) for s in r["finetune_best_step"]) if r["round"] else "—"
+            ", ".join("—" if v is None else str(v) for v in r["finetune_best_step"]) if r["round"] else "—"
         )
         lines.append(
-            f"| {r['head']} | {r['round']} | {_fmt(r['test_auc_mean'], r['test_auc_sd'])} | "
+            f"| {r['head']} | {r['variant']} | {r['round']} | {_fmt(r['test_auc_mean'], r['test_auc_sd'])} | "
             f"{_fmt(r['test_loss_mean'], r['test_loss_sd'])} | {_fmt(r['val_auc_mean'], r['val_auc_sd'])} | "
             f"{_fmt(r['patch_auc_test_mean'], r['patch_auc_test_sd'])} | "
-            f"{_fmt(r['patch_auc_all_mean'], r['patch_auc_all_sd'])} | {d_auc} | {d_patch} | {steps} |"
+            f"{_fmt(r['patch_auc_all_mean'], r['patch_auc_all_sd'])} | {delta('test_auc')} | "
+            f"{delta('patch_auc_test')} | {delta('patch_auc_all')} | {steps} |"
         )
     return out, "\n".join(lines)
 
@@ -144,11 +161,24 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=["abmil", "dtfd"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["faithful"],
+        choices=sorted(VARIANTS),
+        help="stage-2 variants to run (round 0 is shared between them)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--synth", nargs="*", default=[], help="SynthConfig overrides, e.g. width=3072 (default: none)"
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=c")
+    ap.add_argument(
+        "--reuse-round0",
+        type=Path,
+        default=None,
+        help="an earlier evidence OUT whose finished round 0 (same cohort, seeds, heads) is copied",
+    )
     ap.add_argument("--update-doc", action="store_true", help=f"replace the evidence section of {DOC}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,35 +190,50 @@ def main() -> None:
     manifest = synthesize_cohort(args.out / "cohort", cohort_cfg.synth)
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
+    shared_tiles: Path | None = None
     for seed in args.seeds:
-        first_run: Path | None = None
+        seed_round0: Path | None = None  # encoder + features of this seed, shared by every head
         for head in args.heads:
-            run_dir = args.out / f"seed{seed}" / head
-            if first_run is not None:
-                _share_round0(first_run, run_dir)
-            elif seed != args.seeds[0]:
-                # Tiles do not depend on the seed: reuse the first seed's.
-                tiles_src = args.out / f"seed{args.seeds[0]}" / args.heads[0]
-                for rel in ("manifest.csv", "tiles"):
-                    if (tiles_src / rel).exists() and not (run_dir / rel).exists():
-                        run_dir.mkdir(parents=True, exist_ok=True)
-                        src = tiles_src / rel
-                        (shutil.copytree if src.is_dir() else shutil.copy2)(src, run_dir / rel)
-            cfg = _config(run_dir, manifest, head, seed, args.rounds, args.overrides)
-            t = time.perf_counter()
-            summary = run_coupling(cfg)
-            timings[f"seed{seed}/{head}"] = round(time.perf_counter() - t, 1)
-            first_run = first_run or run_dir
-            for rec in summary.to_dict("records"):
-                rows.append({"head": head, "seed": seed, **rec})
-            print(f"seed {seed} {head}:\n{summary.to_string(index=False)}", flush=True)
+            head_round0: Path | None = None  # + the round-0 head, shared by every variant
+            for variant in args.variants:
+                run_dir = args.out / f"seed{seed}" / head / variant
+                reuse = args.reuse_round0 / f"seed{seed}" / head / "faithful" if args.reuse_round0 else None
+                if (
+                    head_round0 is None
+                    and reuse is not None
+                    and (reuse / "round_0" / "metrics.json").is_file()
+                ):
+                    head_round0 = reuse  # another evidence run already finished this seed's round 0
+                if head_round0 is not None:
+                    _share(head_round0, run_dir, ("manifest.csv", "tiles", "round_0"))
+                elif seed_round0 is not None:
+                    _share(
+                        seed_round0, run_dir, ("manifest.csv", "tiles", "round_0/encoder", "round_0/features")
+                    )
+                elif shared_tiles is not None:
+                    _share(shared_tiles, run_dir, ("manifest.csv", "tiles"))
+                cfg = _config(
+                    run_dir, manifest, head, seed, args.rounds, [*VARIANTS[variant], *args.overrides]
+                )
+                t = time.perf_counter()
+                summary = run_coupling(cfg)
+                timings[f"seed{seed}/{head}/{variant}"] = round(time.perf_counter() - t, 1)
+                shared_tiles = shared_tiles or run_dir
+                seed_round0 = seed_round0 or run_dir
+                head_round0 = head_round0 or run_dir
+                for rec in summary.to_dict("records"):
+                    if rec["round"] == 0 and variant != args.variants[0]:
+                        continue  # round 0 is shared: count it once
+                    rows.append({"head": head, "variant": variant, "seed": seed, **rec})
+                print(f"seed {seed} {head} {variant}:\n{summary.to_string(index=False)}", flush=True)
 
-    table, markdown = aggregate(rows, args.rounds)
+    table, markdown = aggregate(rows)
     settings = [*DEFAULT_SETTINGS, *args.overrides]
     result = {
         "cohort": cohort_cfg.synth.model_dump(mode="json"),
         "settings": settings,
         "heads": args.heads,
+        "variants": {v: list(VARIANTS[v]) for v in args.variants},
         "seeds": args.seeds,
         "rounds": args.rounds,
         "per_run": rows,

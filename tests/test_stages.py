@@ -123,10 +123,15 @@ def test_one_split_for_every_stage_and_round(run0: Path) -> None:
 
 def test_resuming_with_different_settings_is_refused(run0: Path, tmp_path: Path) -> None:
     run = copy_run(run0, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"mil\.lr"):
+        prepare_run(tiny_config(run, ["mil.lr=0.5"]))
+    # Settings that do not change results (more rounds, workers, devices) are fine, and stage-2 settings are
+    # free until a coupling round has started ...
+    prepare_run(tiny_config(run, ["coupling.rounds=3", "embed.num_workers=1", "coupling.lr=0.5"]))
+    # ... after which they are part of the run.
+    (run / "round_1").mkdir()
     with pytest.raises(ConfigError, match=r"coupling\.lr"):
-        prepare_run(tiny_config(run, ["coupling.lr=0.5"]))
-    # Settings that do not change results (more rounds, workers, devices) are fine.
-    prepare_run(tiny_config(run, ["coupling.rounds=3", "embed.num_workers=1"]))
+        prepare_run(tiny_config(run, ["coupling.lr=0.25"]))
 
 
 def test_config_conflicts_and_helpers() -> None:

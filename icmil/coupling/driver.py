@@ -100,15 +100,25 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_conflicts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def config_conflicts(
+    old: Mapping[str, Any], new: Mapping[str, Any], coupling_started: bool = True
+) -> list[str]:
     """Dotted keys whose values differ between two config dicts, ignoring :data:`RESUME_FREE_PREFIXES`.
+
+    Stage-2 settings (``coupling.*`` except the round-0 encoder's ``initial_bn_calibration``) only matter once
+    a round >= 1 has started: with ``coupling_started=False`` they may change.
 
     >>> config_conflicts({"seed": 0, "coupling": {"rounds": 1}}, {"seed": 1, "coupling": {"rounds": 3}})
     ['seed']
+    >>> config_conflicts({"coupling": {"lr": 1e-5}}, {"coupling": {"lr": 1e-3}}, coupling_started=False)
+    []
     """
     a, b = _flatten(old), _flatten(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_PREFIXES)]
+    out = [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_PREFIXES)]
+    if not coupling_started:
+        out = [k for k in out if not k.startswith("coupling.") or k == "coupling.initial_bn_calibration"]
+    return out
 
 
 def prepare_run(cfg: ICMILConfig) -> tuple[Path, Path | None]:
@@ -123,7 +133,8 @@ def prepare_run(cfg: ICMILConfig) -> tuple[Path, Path | None]:
     new = cfg.model_dump(mode="json")
     if cfg_path.is_file():
         old = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-        conflicts = config_conflicts(old, new)
+        started = any(p.is_dir() and p.name != "round_0" for p in run.glob("round_*"))
+        conflicts = config_conflicts(old, new, coupling_started=started)
         if conflicts:
             shown = ", ".join(
                 f"{k}: {_flatten(old).get(k)!r} -> {_flatten(new).get(k)!r}" for k in conflicts[:8]

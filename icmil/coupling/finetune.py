@@ -411,7 +411,7 @@ def finetune_encoder(
                 eval_seconds += time.perf_counter() - t_eval
                 mean_losses = {f"train_{k}": v / max(running_n, 1) for k, v in running.items()}
                 running, running_n = {}, 0
-                improved = _selection_key(metrics) > best_key
+                improved = _selection_key(metrics) > best_key or cc.selection == "last"
                 if improved:
                     best_key, best_step, best_metrics = _selection_key(metrics), step, dict(metrics)
                     best_state = {
@@ -439,7 +439,7 @@ def finetune_encoder(
                     )
                 if step_callback is not None:
                     step_callback(step, dict(metrics))
-                if cc.patience is not None and evals_since_best >= cc.patience:
+                if cc.patience is not None and evals_since_best >= cc.patience and cc.selection == "val":
                     stop_reason = "patience"
                     break
                 t_train = time.perf_counter()
@@ -471,6 +471,7 @@ def finetune_encoder(
             "options": {
                 k: getattr(cc, k)
                 for k in (
+                    "selection",
                     "student_bn",
                     "confidence",
                     "hard_negatives",
