@@ -176,6 +176,11 @@ class CouplingConfig(_Section):
         0, ge=0, description="label index of the negative class (hard negatives)"
     )
     patience: int | None = Field(None, ge=1, description="stop after this many evals without val improvement")
+    selection: Literal["val", "last"] = Field(
+        "val",
+        description="val: keep the best of teacher + evaluated students by val AUC (then separation); "
+        "last: keep the last student (diagnostic: coupling without selection)",
+    )
     eval_max_patches: int | None = Field(
         None, ge=1, description="cap on patches per val slide when re-embedding for selection (None: all)"
     )
