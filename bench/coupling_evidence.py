@@ -36,7 +36,12 @@ from icmil.config import ICMILConfig, load_config
 from icmil.coupling import run_coupling
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "coupling.md"
-START, END = "<!-- evidence:start -->", "<!-- evidence:end -->"
+
+
+def _markers(section: str) -> tuple[str, str]:
+    return f"<!-- evidence:{section}:start -->", f"<!-- evidence:{section}:end -->"
+
+
 METRICS = ("test_auc", "test_loss", "val_auc", "patch_auc_test", "patch_auc_all")
 
 # Demo-scale settings (documented in docs/coupling.md): 40 epochs for the bag head as in configs/demo.yaml,
@@ -50,6 +55,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "balanced": ("coupling.balanced_sampler=true",),
     "stain": ("coupling.stain_augment=true",),
     "frozen_bn": ("coupling.student_bn=frozen",),
+    "method_lr": (
+        "coupling.lr=1e-5",
+    ),  # METHOD.md's learning rate (meant for epochs over millions of patches)
     # Diagnostics: the same fine-tuning without selection (the last student is kept).
     "faithful_last": ("coupling.selection=last",),
     "hard_negatives_last": ("coupling.hard_negatives=true", "coupling.selection=last"),
@@ -179,7 +187,12 @@ def main() -> None:
         default=None,
         help="an earlier evidence OUT whose finished round 0 (same cohort, seeds, heads) is copied",
     )
-    ap.add_argument("--update-doc", action="store_true", help=f"replace the evidence section of {DOC}")
+    ap.add_argument(
+        "--update-doc",
+        default=None,
+        metavar="SECTION",
+        help=f"replace the marked evidence section SECTION of {DOC}",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -213,7 +226,7 @@ def main() -> None:
                 elif shared_tiles is not None:
                     _share(shared_tiles, run_dir, ("manifest.csv", "tiles"))
                 cfg = _config(
-                    run_dir, manifest, head, seed, args.rounds, [*VARIANTS[variant], *args.overrides]
+                    run_dir, manifest, head, seed, args.rounds, [*args.overrides, *VARIANTS[variant]]
                 )
                 t = time.perf_counter()
                 summary = run_coupling(cfg)
@@ -251,11 +264,14 @@ def main() -> None:
     )
     (args.out / "evidence.md").write_text(header + markdown + "\n")
     if args.update_doc and DOC.is_file():
+        start, end = _markers(args.update_doc)
         text = DOC.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            _, post = rest.split(END, 1)
-            DOC.write_text(f"{pre}{START}\n{header}{markdown}\n{END}{post}")
+        if start in text and end in text:
+            pre, rest = text.split(start, 1)
+            _, post = rest.split(end, 1)
+            DOC.write_text(f"{pre}{start}\n{header}{markdown}\n{end}{post}")
+        else:
+            print(f"{DOC} has no {start} ... {end} section; not updated", file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "per_run"}, indent=2, default=str))
     print(markdown)
 

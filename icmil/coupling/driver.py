@@ -114,8 +114,15 @@ def config_conflicts(
     []
     """
     a, b = _flatten(old), _flatten(new)
+    defaults = _flatten(ICMILConfig().model_dump(mode="json"))
     keys = sorted(set(a) | set(b))
-    out = [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_PREFIXES)]
+    # A setting added to the config after the run started is absent from its config.yaml: at its default it
+    # reproduces what the run did.
+    out = [
+        k
+        for k in keys
+        if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)) and not k.startswith(RESUME_FREE_PREFIXES)
+    ]
     if not coupling_started:
         out = [k for k in out if not k.startswith("coupling.") or k == "coupling.initial_bn_calibration"]
     return out
