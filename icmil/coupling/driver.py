@@ -274,6 +274,7 @@ def plot_summary(table: pd.DataFrame, out: Path) -> Path:
             ax.plot(table["round"], table[col].astype(float), marker="o", label=label)
     ax.set_xlabel("round (0 = before coupling)")
     ax.set_ylabel("AUC")
+    ax.set_ylim(0.0, 1.02)
     ax.set_xticks(list(table["round"]) if len(table) else [0])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
