@@ -43,15 +43,9 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> ICMILConfig:
 
 
 def _manifest(cfg: ICMILConfig, path: Path) -> Any:
-    from icmil.manifest import read_manifest
+    from icmil.manifest import read_run_manifest
 
-    return read_manifest(
-        path,
-        classes=cfg.classes,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-    )
+    return read_run_manifest(cfg, path)
 
 
 def _tracking_uris(cfg: ICMILConfig, tracking_uri: str | None) -> tuple[str, str]:

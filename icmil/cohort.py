@@ -32,7 +32,7 @@ from icmil.config import ICMILConfig
 from icmil.errors import ManifestError
 from icmil.io import atomic_path, file_digest, text_digest, write_json_atomic, write_text_atomic
 from icmil.log import get_logger
-from icmil.manifest import read_manifest
+from icmil.manifest import read_run_manifest
 
 log = get_logger("cohort")
 
@@ -159,13 +159,7 @@ def prepare_cohort(
         source_path = localize(source, out / "source")
     else:
         source_path = Path(source)
-    m = read_manifest(
-        source_path,
-        classes=cfg.classes,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-    )
+    m = read_run_manifest(cfg, source_path)
     slides = m.slides.copy()
     slides["path"] = [_portable_path(p, out) for p in slides["path"]]
     manifest_csv = write_text_atomic(out / MANIFEST_NAME, slides.to_csv(index=False))

@@ -19,12 +19,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from icmil.errors import ManifestError
 from icmil.io import text_digest, write_text_atomic
+
+if TYPE_CHECKING:
+    from icmil.config import ICMILConfig
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
 SPLITS = ("train", "val", "test")
@@ -171,3 +175,23 @@ def _int_or(s: str) -> int:
         return int(s)
     except ValueError:
         return 0
+
+
+def read_run_manifest(cfg: ICMILConfig, path: str | os.PathLike[str]) -> Manifest:
+    """:func:`read_manifest` with the run's settings (classes, seed, split fractions) from ``cfg``.
+
+    On a resolved manifest (``RUN/manifest.csv``) the split column is used as it is, so every stage and round
+    reads the same split.
+
+    >>> from icmil.config import ICMILConfig
+    >>> read_run_manifest(ICMILConfig(), "missing.csv")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    icmil.errors.ManifestError: manifest not found: missing.csv
+    """
+    return read_manifest(
+        path,
+        classes=cfg.classes,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+    )

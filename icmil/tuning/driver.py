@@ -43,7 +43,6 @@ from icmil.tuning.worker import run_tuning_worker
 
 if TYPE_CHECKING:
     from icmil.config import ICMILConfig
-    from icmil.manifest import Manifest
 
 log = get_logger("tuning")
 
@@ -70,19 +69,6 @@ class TuneResult:
     best_trial: int = -1
     best_params_path: Path | None = None
     plots: list[Path] = field(default_factory=list)
-
-
-def read_round_manifest(cfg: ICMILConfig, manifest_csv: str | os.PathLike[str]) -> Manifest:
-    """The resolved manifest (split already filled in by the pipeline) read with the run's settings."""
-    from icmil.manifest import read_manifest
-
-    return read_manifest(
-        manifest_csv,
-        classes=cfg.classes,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-    )
 
 
 def prepare_tuning(

@@ -197,7 +197,7 @@ def run_tuning_worker(
         >>> n = run_tuning_worker(cfg, "RUN/manifest.csv", "RUN/round_0/features", "RUN/round_0/tune",
         ...                       0, "icmil-demo-round0", worker_id=1)  # doctest: +SKIP
     """
-    from icmil.tuning.driver import read_round_manifest
+    from icmil.manifest import read_run_manifest
 
     url = resolve_storage(cfg, storage)
     study = create_study(cfg, study_name, url, seed=cfg.seed + 7919 * worker_id + round_index, target=target)
@@ -206,7 +206,7 @@ def run_tuning_worker(
     if stored and stored != target:
         raise ConfigError(f"study {study_name!r} tunes {stored!r}; this worker was asked for {target!r}")
     budget = int(n_trials or study.user_attrs.get(ATTR_N_TRIALS) or cfg.tuning.n_trials)
-    manifest = read_round_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     objective = make_objective(
         cfg,
         target,
