@@ -182,11 +182,11 @@ def register_round_model(
 
     Returns ``(version, promote, reason)``; ``promote`` is the promotion gate's condition.
     """
-    from icmil.stages import load_run_manifest
+    from icmil.manifest import read_run_manifest
     from icmil.tracking import RetryPolicy, log_slide_classifier, resolve_registry_uri, resolve_tracking_uri
 
     evaluation = json.loads((Path(evaluation_dir) / "metrics.json").read_text(encoding="utf-8"))
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     tracking_uri, registry_uri = resolve_tracking_uri(cfg), resolve_registry_uri(cfg)
     retry = RetryPolicy.from_config(cfg.tracking)
     metrics = _split_metrics(evaluation)

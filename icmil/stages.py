@@ -43,7 +43,7 @@ from icmil.config import ICMILConfig, MILConfig, dump_config
 from icmil.errors import ConfigError, FeatureStoreError
 from icmil.io import text_digest, write_json_atomic
 from icmil.log import get_logger
-from icmil.manifest import Manifest, read_manifest
+from icmil.manifest import Manifest, read_run_manifest
 from icmil.tracking.base import NullTracker, StageRun, StageTracker
 
 log = get_logger("stages")
@@ -119,18 +119,6 @@ def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def load_run_manifest(cfg: ICMILConfig, manifest_csv: PathLike) -> Manifest:
-    """The run's resolved manifest (its split column is used as is: one split for every stage and round)."""
-    m = read_manifest(
-        manifest_csv,
-        classes=cfg.classes,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-    )
-    return m
-
-
 def _tracker(tracker: StageTracker | None) -> StageTracker:
     return tracker if tracker is not None else NullTracker()
 
@@ -163,7 +151,7 @@ def initial_encoder(
     from icmil.coupling.batchnorm import calibrate_batchnorm
     from icmil.coupling.data import TrainBatches, build_pool, slide_sources
 
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     sources, _ = slide_sources(manifest.split("train"), tiles_dir, cfg.cache_dir)
     labels = dict(zip(manifest.slides["slide_id"].astype(str), manifest.slides["label_index"], strict=True))
     pool, aligned = build_pool(sources, labels)
@@ -223,7 +211,7 @@ def tile_stage(
     if (done := _skip(marker, "tile", None)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     with _tracker(tracker).stage("tile", None) as run:
         run.log_params(
             {
@@ -320,7 +308,7 @@ def embed_stage(
     if (done := _skip(marker, "embed", round_index)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     with _tracker(tracker).stage("embed", round_index) as run:
         encoder = _load_encoder_or_initial(cfg, encoder_dir, manifest_csv, tiles_dir)
         run.log_params(
@@ -380,7 +368,7 @@ def train_stage(
     if (done := _skip(marker, "train", round_index)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     mil_cfg = mil_config_with(cfg, params)
     with _tracker(tracker).stage("train", round_index) as run:
         run.log_params({f"mil.{k}": v for k, v in mil_cfg.model_dump(mode="json").items()})
@@ -429,7 +417,7 @@ def finetune_stage(
     if (done := _skip(marker, "finetune", round_index)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     with _tracker(tracker).stage("finetune", round_index) as run:
         encoder = _load_encoder_or_initial(cfg, encoder_dir, manifest_csv, tiles_dir)
         head = load_mil_head(head_dir)
@@ -513,7 +501,7 @@ def evaluate_stage(
     if (done := _skip(marker, "evaluate", round_index)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = load_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv)
     head = load_mil_head(head_dir)
     with _tracker(tracker).stage("evaluate", round_index) as run:
         result: dict[str, Any] = {"head": head.name}
