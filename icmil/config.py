@@ -93,7 +93,9 @@ class EncoderConfig(_Section):
 class EmbedConfig(_Section):
     batch_size: int = Field(128, ge=1)
     num_workers: int | None = Field(
-        None, ge=0, description="patch-decoding DataLoader workers; None = auto (CUDA: cores-1 up to 16; CPU: up to 2)"
+        None,
+        ge=0,
+        description="patch-decoding DataLoader workers; None = auto (CUDA: cores-1 up to 16; CPU: up to 2)",
     )
     amp: bool = Field(True, description="autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
