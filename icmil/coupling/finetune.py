@@ -143,7 +143,7 @@ def separation(labels: np.ndarray, logits: np.ndarray) -> float:
     classes (one class for binary). In [−1, 1]; NaN with a single class.
 
     >>> round(separation(np.array([0, 0, 1, 1]), np.array([[0, -1], [0, -2], [0, 1], [0, 3]])), 3)
-    0.903
+    0.911
     """
     y = np.asarray(labels)
     z = np.asarray(logits, dtype=float)
