@@ -218,6 +218,20 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
             # Synthetic slides live in the cohort artifact; a manifest's slides are reached by path / s3://.
             slide_source = {"cohort": cohort} if synthetic else {}
 
+            def embed_shard(shard: Any, round_index: int, tiles: Any, encoder: Any) -> Any:
+                # One shard's embedding with round ``round_index``'s encoder (content-addressed: cached).
+                task = embed(
+                    config_yaml=views["embed"],
+                    shard=shard,
+                    round_index=round_index,
+                    tiles=tiles,
+                    encoder=encoder,
+                    **slide_source,
+                )
+                name = f"embed-r{round_index}"
+                place(task.set_display_name(name), cfg, "embed", cache=True, slides=True, tracked=False)
+                return task
+
             # The round-0 encoder: from the config alone (in parallel with tiling), or - with BatchNorm
             # calibration on training patches - after tiling, from the tiles.
             calibrate = cfg.coupling.initial_bn_calibration > 0
@@ -230,22 +244,7 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
                 tiled = tile(config_yaml=views["tile"], shard=shard, **slide_source)
                 place(tiled.set_display_name("tile"), cfg, "tile", cache=True, slides=True, tracked=False)
                 if not calibrate:
-                    embedded = embed(
-                        config_yaml=views["embed"],
-                        shard=shard,
-                        round_index=0,
-                        tiles=tiled.outputs["tiles"],
-                        encoder=encoder,
-                        **slide_source,
-                    )
-                    place(
-                        embedded.set_display_name("embed-r0"),
-                        cfg,
-                        "embed",
-                        cache=True,
-                        slides=True,
-                        tracked=False,
-                    )
+                    embedded = embed_shard(shard, 0, tiled.outputs["tiles"], encoder)
             merged_tiles = merge_shards(parts=dsl.Collected(tiled.outputs["tiles"]))
             place(merged_tiles.set_display_name("merge-tiles"), cfg, "merge", cache=True, tracked=False)
 
@@ -263,22 +262,7 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
                 )
                 encoder = first.outputs["encoder"]
                 with dsl.ParallelFor(shards, parallelism=p.shards, name="shards-embed-r0") as shard:
-                    embedded = embed(
-                        config_yaml=views["embed"],
-                        shard=shard,
-                        round_index=0,
-                        tiles=merged_tiles.outputs["merged"],
-                        encoder=encoder,
-                        **slide_source,
-                    )
-                    place(
-                        embedded.set_display_name("embed-r0"),
-                        cfg,
-                        "embed",
-                        cache=True,
-                        slides=True,
-                        tracked=False,
-                    )
+                    embedded = embed_shard(shard, 0, merged_tiles.outputs["merged"], encoder)
 
             features = embedded.outputs["features"]
             history: Any = "[]"
@@ -299,22 +283,7 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
                     place(coupled.set_display_name(f"finetune-r{r}"), cfg, "finetune", slides=True)
                     encoder = coupled.outputs["encoder"]
                     with dsl.ParallelFor(shards, parallelism=p.shards, name=f"shards-r{r}") as shard:
-                        embedded = embed(
-                            config_yaml=views["embed"],
-                            shard=shard,
-                            round_index=r,
-                            tiles=merged_tiles.outputs["merged"],
-                            encoder=encoder,
-                            **slide_source,
-                        )
-                        place(
-                            embedded.set_display_name(f"embed-r{r}"),
-                            cfg,
-                            "embed",
-                            cache=True,
-                            slides=True,
-                            tracked=False,
-                        )
+                        embedded = embed_shard(shard, r, merged_tiles.outputs["merged"], encoder)
                     features = embedded.outputs["features"]
 
                 tuned: dict[str, Any] = {}
