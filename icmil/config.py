@@ -124,6 +124,11 @@ class MILConfig(_Section):
     epochs: int = Field(200, ge=1)
     patience: int | None = Field(30, ge=1)
     grad_clip: float = Field(5.0, gt=0)
+    standardize_features: bool = Field(
+        True,
+        description="standardise head inputs per dimension with the training patches' mean/sd (fixed, saved "
+        "with the head; see icmil.mil.layers.DimRed). false = raw features, as the original code",
+    )
     seed: int = 0
     dtfd_pseudo_bags: int = Field(5, ge=1)
     dtfd_distill: Literal["afs", "maxs", "maxmins"] = "afs"

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icmil.errors import ConfigError
+from icmil.mil.layers import DimRed
 
 
 @dataclass
@@ -86,6 +87,20 @@ class MILHead(nn.Module, ABC):
     def instance_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The instance teacher: ``instance_classify(instance_embed(features))``, ``(N, C)`` logits."""
         return self.instance_classify(self.instance_embed(features))
+
+    def set_feature_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> int:
+        """Fix the input standardisation of every :class:`~icmil.mil.layers.DimRed` trunk in this head to the
+        training patches' per-dimension ``mean``/``std``; returns how many trunks took them (0: a user head
+        without a DimRed, whose inputs then stay as they are).
+
+        >>> head = create_mil_head("abmil", 2, 2, hidden_dim=4, attention_dim=4)
+        >>> head.set_feature_standardization(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
+        1
+        """
+        trunks = [m for m in self.modules() if isinstance(m, DimRed)]
+        for trunk in trunks:
+            trunk.set_standardization(mean, std)
+        return len(trunks)
 
     def attention_scores(self, features: torch.Tensor) -> torch.Tensor | None:
         """Raw (pre-softmax) per-instance scores ``(N,)`` for the confidence variant, or None."""

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from icmil.errors import FeatureStoreError
 from icmil.io import atomic_path, write_json_atomic
 from icmil.mil.base import MILHead, create_mil_head
+from icmil.mil.layers import STANDARDIZATION_BUFFERS
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -73,6 +74,10 @@ def load_mil_head(directory: str | os.PathLike[str], map_location: str | torch.d
         raise FeatureStoreError(f"MIL head at {weights.parent}: {WEIGHTS_FILE} is missing")
     try:
         state = load_file(str(weights), device=str(map_location))
+        # Heads saved before the trunk's input standardisation existed: identity standardisation (as trained).
+        for key, value in head.state_dict().items():
+            if key.rsplit(".", 1)[-1] in STANDARDIZATION_BUFFERS and key not in state:
+                state[key] = value
         head.load_state_dict(state)
     except Exception as err:  # safetensors raises its own types for corrupt files
         raise FeatureStoreError(f"cannot load MIL head weights {weights}: {err}") from None

@@ -137,6 +137,25 @@ class BagStore:
                 out[sid] = f"features file {self.path(sid)} holds no patches (0 rows; no tissue found?)"
         return out
 
+    def feature_moments(self, slide_ids: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and standard deviation over every patch of ``slide_ids`` (float64 sums, one
+        bag in memory at a time), as float32 tensors ``(D,)`` — the statistics of the heads' input
+        standardisation (:class:`icmil.mil.layers.DimRed`)."""
+        total: torch.Tensor | None = None
+        total_sq: torch.Tensor | None = None
+        count = 0
+        for sid in slide_ids:
+            x = self.load(sid).features.to(torch.float64)
+            s, sq = x.sum(0), (x * x).sum(0)
+            total = s if total is None else total + s
+            total_sq = sq if total_sq is None else total_sq + sq
+            count += x.shape[0]
+        if total is None or total_sq is None or count == 0:
+            raise FeatureStoreError("feature statistics need at least one slide with patches")
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0.0)
+        return mean.float(), var.sqrt().float()
+
     def missing(self, slide_ids: Iterable[str]) -> dict[str, str]:
         """Slides whose features file does not exist, with a message naming the file."""
         out = {}

@@ -252,10 +252,14 @@ def train_mil_head(
             out, cfg.head, int(done["best_epoch"]), int(done["epochs_run"]), done, skipped, reused=True
         )
 
+    moments = store.feature_moments(train_df["slide_id"]) if cfg.standardize_features else None
+
     def fresh() -> tuple[MILHead, torch.optim.Optimizer]:
         seed_everything(cfg.seed)
         head = head_from_config(cfg, in_dim, n_classes)
         head.classes = list(m.classes)
+        if moments is not None and not head.set_feature_standardization(*moments):
+            log.warning("head %r has no DimRed trunk: mil.standardize_features does not apply", cfg.head)
         return head, build_optimizer(cfg.head, head.parameters(), cfg)
 
     head, optimizer = fresh()

@@ -216,3 +216,32 @@ def test_nystrom_matches_exact_attention() -> None:
     attn.landmarks = 16
     coarse = float((attn(x) - exact).detach().norm() / exact.detach().norm())
     assert rel < coarse
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_input_standardization_is_part_of_the_trunk_and_saved(name: str, tmp_path: Any) -> None:
+    head = make(name).eval()
+    x = torch.randn(7, IN_DIM) * 0.1 + 5.0
+    mean, std = x.mean(0), x.std(0)
+    assert head.set_feature_standardization(mean, std) >= 1
+    # Standardising the input by hand and using identity statistics gives the same trunk and bag outputs.
+    plain = make(name).eval()
+    z = (x - mean) / std
+    torch.testing.assert_close(head.instance_embed(x), plain.instance_embed(z))
+    torch.testing.assert_close(head(x).logits, plain(z).logits)
+    again = load_mil_head(save_mil_head(head, tmp_path / name))
+    torch.testing.assert_close(again(x).logits, head(x).logits)
+    # Statistics are buffers: nothing trains them.
+    assert all("input_" not in n for n, _ in head.named_parameters())
+
+
+def test_head_saved_before_standardization_loads_as_identity(tmp_path: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    head = make("abmil").eval()
+    directory = save_mil_head(head, tmp_path / "old")
+    weights = directory / "weights.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if "input_" not in k}
+    save_file(state, str(weights))
+    x = torch.randn(5, IN_DIM)
+    torch.testing.assert_close(load_mil_head(directory)(x).logits, head(x).logits)

@@ -266,3 +266,27 @@ def test_no_validation_split_is_a_clear_error(tmp_path: Path) -> None:
     manifest, feats, _ = make_cohort(tmp_path, {"train": 6, "test": 2})
     with pytest.raises(ManifestError, match="val"):
         train_mil_head(manifest, feats, tmp_path / "out", config("abmil", epochs=1))
+
+
+def test_head_inputs_are_standardised_with_training_statistics_only(tmp_path: Path) -> None:
+    # Features like a random CNN's: a large common offset and small patch-to-patch variation.
+    manifest, feats, lesions = make_cohort(tmp_path / "c", lesion_instances=(3, 8), shift=4.0, seed=3)
+    shifted = tmp_path / "offset"
+    shifted.mkdir()
+    store = BagStore(feats)
+    m = read_manifest(manifest)
+    for sid in m.slides["slide_id"]:
+        bag = store.load(sid)
+        write_features(shifted / f"{sid}.h5", bag.features.numpy() * 0.05 + 0.4, bag.coords, bag.attrs)
+    result = train_mil_head(manifest, shifted, tmp_path / "head", config("abmil", epochs=4), lesions=lesions)
+    train_ids = m.slides.loc[m.slides["split"] == "train", "slide_id"]
+    x = np.concatenate([BagStore(shifted).load(s).features.numpy() for s in train_ids]).astype(np.float64)
+    head = load_mil_head(tmp_path / "head")
+    np.testing.assert_allclose(head.dimred.input_mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head.dimred.input_scale.numpy(), x.std(0), rtol=1e-4)
+    assert result.metrics["test"]["auc"] >= 0.9, result.metrics["test"]
+    off = train_mil_head(
+        manifest, shifted, tmp_path / "raw", config("abmil", epochs=1, standardize_features=False)
+    )
+    raw = load_mil_head(off.out_dir)
+    assert float(raw.dimred.input_mean.abs().sum()) == 0.0 and float(raw.dimred.input_scale.min()) == 1.0
