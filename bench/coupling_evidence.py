@@ -8,7 +8,8 @@ head init/order, the stage-2 sampling/augmentation. Everything resumes: rerunnin
 
 Reported per head and round: slide-level test AUC and test cross-entropy, validation AUC, and the patch-level AUC
 of the instance teacher against the lesion boxes (test slides, and all slides), mean ± sd over seeds, plus the
-paired change from round 0. Writes ``OUT/evidence.json`` and ``OUT/evidence.md``; ``--update-doc`` replaces the
+paired change from round 0. Writes ``OUT/evidence.json``, ``OUT/evidence.md`` and ``OUT/evidence.png`` (per head,
+test AUC and patch AUC by round: a thin line per seed, the mean bold); ``--update-doc`` replaces the
 marked evidence section of docs/coupling.md.
 
 Examples:
@@ -163,6 +164,63 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     return out, "\n".join(lines)
 
 
+def per_seed_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per head, variant and seed, test AUC and patch AUC (test / all) from round 0 to the last."""
+    df = pd.DataFrame(rows)
+    lines = [
+        "| head | variant | seed | test AUC by round | patch AUC (test) by round | patch AUC (all) by round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for head in dict.fromkeys(df["head"]):
+        sub = df[df["head"] == head]
+        base = sub[sub["round"] == 0].set_index("seed")
+        for variant in dict.fromkeys(sub.loc[sub["round"] > 0, "variant"]):
+            later = sub[(sub["variant"] == variant) & (sub["round"] > 0)]
+            for seed, runs in later.groupby("seed"):
+                runs = pd.concat([base.loc[[seed]].reset_index(), runs]).sort_values("round")
+                cells = [
+                    " → ".join(f"{v:.3f}" for v in runs[m].astype(float))
+                    for m in ("test_auc", "patch_auc_test", "patch_auc_all")
+                ]
+                lines.append(f"| {head} | {variant} | {seed} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def plot_evidence(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per head: test AUC and patch AUC (all slides) by round, one thin line per seed, the mean bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows)
+    heads = list(dict.fromkeys(df["head"]))
+    panels = (("test_auc", "slide-level test AUC"), ("patch_auc_all", "patch-level AUC (all slides)"))
+    fig, axes = plt.subplots(len(heads), 2, figsize=(9, 3.2 * len(heads)), squeeze=False)
+    for i, head in enumerate(heads):
+        sub = df[df["head"] == head]
+        base = sub[sub["round"] == 0]
+        for j, (metric, title) in enumerate(panels):
+            ax = axes[i][j]
+            for k, variant in enumerate(dict.fromkeys(sub.loc[sub["round"] > 0, "variant"])):
+                runs = pd.concat([base, sub[sub["variant"] == variant]])  # round 0 is shared by variants
+                colour = f"C{k}"
+                for _, seed_runs in runs.groupby("seed"):
+                    seed_runs = seed_runs.sort_values("round")
+                    ax.plot(seed_runs["round"], seed_runs[metric], color=colour, alpha=0.3, lw=1)
+                mean = runs.groupby("round")[metric].mean()
+                ax.plot(mean.index, mean.values, color=colour, lw=2.5, marker="o", label=f"{variant} (mean)")
+            ax.set_title(f"{head}: {title}", fontsize=10)
+            ax.set_xlabel("coupling round")
+            ax.set_xticks(sorted(sub["round"].unique()))
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.5, color="grey", ls=":", lw=1)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/evidence"))
@@ -262,7 +320,9 @@ def main() -> None:
         f"{cohort_cfg.synth.height}, overrides: {args.synth or 'none'}); settings: `{' '.join(settings)}`; "
         f"seeds {args.seeds}; mean ± sd over seeds; Δ = paired change vs round 0.\n\n"
     )
+    markdown += "\n\nPer seed:\n\n" + per_seed_table(rows)
     (args.out / "evidence.md").write_text(header + markdown + "\n")
+    plot_evidence(rows, args.out / "evidence.png")
     if args.update_doc and DOC.is_file():
         start, end = _markers(args.update_doc)
         text = DOC.read_text()
