@@ -495,10 +495,10 @@ class _Gate:
         if not _meets_floor(chal, r.floor, metric):
             self.reject(f"challenger {label} {chal:.4f} is below the floor {r.floor:.4f}")
         if not _beats(chal, champ, r.margin, metric):
-            verb = "ties" if chal == champ else "does not beat"
+            how = "ties" if chal == champ else "does not beat"
             self.reject(
-                f"challenger {label} {chal:.4f} {verb} champion v{champion.version} {champ:.4f} "
-                f"by more than the margin {r.margin:.4f}"
+                f"challenger {label} {chal:.4f} {how} champion v{champion.version} {champ:.4f} "
+                f"(promotion needs more than the margin {r.margin:.4f})"
             )
         r.reason = (
             f"challenger {label} {chal:.4f} beats champion v{champion.version} {champ:.4f} "
