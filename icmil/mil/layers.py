@@ -26,10 +26,11 @@ class DimRed(nn.Sequential):
     Why: encoder outputs are far from centred. After a ReLU/pooling trunk every dimension carries a common
     positive offset larger than its patch-to-patch variation (a random ``tiny_cnn`` on the synthetic slides: mean
     0.39, median per-dimension sd 0.09), and the bias-free linear layer sees mostly that offset. Measured on
-    such features (docs/coupling.md, "Why an earlier version showed no gain"): the AB-MIL head stayed at chance
-    (instance patch AUC 0.39-0.45) while a linear probe found the lesions (0.81); standardised, the same head
-    and budget reach patch AUC 0.72. Being part of the trunk, the standardisation travels with the head into
-    the instance teacher and the student of stage 2 (never trained there).
+    such features (``bench/round0_diagnosis.py``; docs/coupling.md, section 1b): the AB-MIL head stayed at
+    chance (validation loss ln 2, val-slide instance patch AUC 0.62-0.65) while a linear probe found the lesions
+    (0.81); standardised, the same head and budget learn (val AUC 0.67-1.0, patch AUC 0.72-0.75). Being part of
+    the trunk, the standardisation travels with the head into the instance teacher and the student of stage 2
+    (never trained there).
 
     >>> t = DimRed(2, 3)
     >>> t.set_standardization(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 0.5]))
