@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -221,6 +222,40 @@ def plot_evidence(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_variant_deltas(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per head: paired change from round 0 to the last round of each variant (bars: mean over seeds; dots:
+    seeds) for slide-level test AUC and patch-level AUC (all slides) — the options side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows)
+    heads = list(dict.fromkeys(df["head"]))
+    metrics = (("test_auc", "Δ test AUC"), ("patch_auc_all", "Δ patch AUC (all)"))
+    fig, axes = plt.subplots(1, len(heads), figsize=(5.5 * len(heads), 3.8), squeeze=False)
+    for ax, head in zip(axes[0], heads, strict=True):
+        sub = df[df["head"] == head]
+        base = sub[sub["round"] == 0].set_index("seed")
+        variants = list(dict.fromkeys(sub.loc[sub["round"] > 0, "variant"]))
+        width = 0.8 / len(metrics)
+        for j, (metric, label) in enumerate(metrics):
+            for k, variant in enumerate(variants):
+                runs = sub[(sub["variant"] == variant) & (sub["round"] > 0)]
+                last = runs[runs["round"] == runs["round"].max()].set_index("seed")
+                delta = (last[metric] - base.loc[last.index, metric]).to_numpy(dtype=float)
+                x = k + (j - (len(metrics) - 1) / 2) * width
+                ax.bar(x, delta.mean(), width, color=f"C{j}", alpha=0.6, label=label if k == 0 else None)
+                ax.scatter(np.full(delta.shape, x), delta, color=f"C{j}", s=12, zorder=3)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{head}: change after coupling (bars: mean, dots: seeds)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/evidence"))
@@ -251,7 +286,17 @@ def main() -> None:
         metavar="SECTION",
         help=f"replace the marked evidence section SECTION of {DOC}",
     )
+    ap.add_argument(
+        "--replot", action="store_true", help="only redraw the plots from an existing OUT/evidence.json"
+    )
     args = ap.parse_args()
+    if args.replot:
+        done = json.loads((args.out / "evidence.json").read_text())
+        plot_evidence(done["per_run"], args.out / "evidence.png")
+        if len(done["variants"]) > 1:
+            plot_variant_deltas(done["per_run"], args.out / "evidence_variants.png")
+        print(f"plots redrawn in {args.out}")
+        return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -323,6 +368,8 @@ def main() -> None:
     markdown += "\n\nPer seed:\n\n" + per_seed_table(rows)
     (args.out / "evidence.md").write_text(header + markdown + "\n")
     plot_evidence(rows, args.out / "evidence.png")
+    if len(args.variants) > 1:
+        plot_variant_deltas(rows, args.out / "evidence_variants.png")
     if args.update_doc and DOC.is_file():
         start, end = _markers(args.update_doc)
         text = DOC.read_text()
