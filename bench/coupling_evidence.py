@@ -56,6 +56,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "hard_negatives": ("coupling.hard_negatives=true",),
     "balanced": ("coupling.balanced_sampler=true",),
     "stain": ("coupling.stain_augment=true",),
+    "stain_confidence": ("coupling.stain_augment=true", "coupling.confidence=true"),  # the two best, together
     "frozen_bn": ("coupling.student_bn=frozen",),
     "method_lr": (
         "coupling.lr=1e-5",
