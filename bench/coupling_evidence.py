@@ -115,6 +115,18 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
+def _coupled_variants(runs: pd.DataFrame) -> list[str]:
+    """The variants that have rounds after the shared round 0, in the order they were run."""
+    return list(dict.fromkeys(runs.loc[runs["round"] > 0, "variant"]))
+
+
+def _paired_delta(runs: pd.DataFrame, base: pd.DataFrame, metric: str) -> pd.Series:
+    """Per seed: ``metric`` of ``runs`` (one round, a ``seed`` column) minus the same seed's round 0 (``base``,
+    indexed by seed)."""
+    by_seed = runs.set_index("seed")[metric].astype(float)
+    return by_seed - base[metric].astype(float).reindex(by_seed.index).values
+
+
 def aggregate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Mean ± sd over seeds per (head, variant, round), paired deltas vs the shared round 0, markdown table."""
     df = pd.DataFrame(rows)
@@ -123,7 +135,7 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     for head in dict.fromkeys(df["head"]):
         base = base_all[base_all["head"] == head].set_index("seed")
         groups = [("—", 0, base.reset_index())]
-        for variant in dict.fromkeys(df.loc[(df["head"] == head) & (df["round"] > 0), "variant"]):
+        for variant in _coupled_variants(df[df["head"] == head]):
             sub = df[(df["head"] == head) & (df["variant"] == variant) & (df["round"] > 0)]
             groups += [(variant, int(r), g) for r, g in sub.groupby("round", sort=True)]
         for variant, rnd, g in groups:
@@ -133,9 +145,7 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
                 rec[f"{m}_mean"] = float(vals.mean())
                 rec[f"{m}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
                 if rnd > 0:
-                    paired = (
-                        g.set_index("seed")[m].astype(float) - base[m].astype(float).reindex(g["seed"]).values
-                    )
+                    paired = _paired_delta(g, base, m)
                     rec[f"{m}_delta_mean"] = float(paired.mean())
                     rec[f"{m}_delta_sd"] = float(paired.std(ddof=1)) if len(paired) > 1 else 0.0
             rec["finetune_best_step"] = [
@@ -176,7 +186,7 @@ def per_seed_table(rows: list[dict[str, Any]]) -> str:
     for head in dict.fromkeys(df["head"]):
         sub = df[df["head"] == head]
         base = sub[sub["round"] == 0].set_index("seed")
-        for variant in dict.fromkeys(sub.loc[sub["round"] > 0, "variant"]):
+        for variant in _coupled_variants(sub):
             later = sub[(sub["variant"] == variant) & (sub["round"] > 0)]
             for seed, runs in later.groupby("seed"):
                 runs = pd.concat([base.loc[[seed]].reset_index(), runs]).sort_values("round")
@@ -204,7 +214,7 @@ def plot_evidence(rows: list[dict[str, Any]], path: Path) -> None:
         base = sub[sub["round"] == 0]
         for j, (metric, title) in enumerate(panels):
             ax = axes[i][j]
-            for k, variant in enumerate(dict.fromkeys(sub.loc[sub["round"] > 0, "variant"])):
+            for k, variant in enumerate(_coupled_variants(sub)):
                 runs = pd.concat([base, sub[sub["variant"] == variant]])  # round 0 is shared by variants
                 colour = f"C{k}"
                 for _, seed_runs in runs.groupby("seed"):
@@ -238,13 +248,13 @@ def plot_variant_deltas(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, head in zip(axes[0], heads, strict=True):
         sub = df[df["head"] == head]
         base = sub[sub["round"] == 0].set_index("seed")
-        variants = list(dict.fromkeys(sub.loc[sub["round"] > 0, "variant"]))
+        variants = _coupled_variants(sub)
         width = 0.8 / len(metrics)
         for j, (metric, label) in enumerate(metrics):
             for k, variant in enumerate(variants):
                 runs = sub[(sub["variant"] == variant) & (sub["round"] > 0)]
-                last = runs[runs["round"] == runs["round"].max()].set_index("seed")
-                delta = (last[metric] - base.loc[last.index, metric]).to_numpy(dtype=float)
+                last = runs[runs["round"] == runs["round"].max()]
+                delta = _paired_delta(last, base, metric).to_numpy()
                 x = k + (j - (len(metrics) - 1) / 2) * width
                 ax.bar(x, delta.mean(), width, color=f"C{j}", alpha=0.6, label=label if k == 0 else None)
                 ax.scatter(np.full(delta.shape, x), delta, color=f"C{j}", s=12, zorder=3)
@@ -255,6 +265,13 @@ def plot_variant_deltas(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_plots(rows: list[dict[str, Any]], out: Path, n_variants: int) -> None:
+    """``evidence.png`` (metrics by round) and, with several variants, ``evidence_variants.png``."""
+    plot_evidence(rows, out / "evidence.png")
+    if n_variants > 1:
+        plot_variant_deltas(rows, out / "evidence_variants.png")
 
 
 def main() -> None:
@@ -293,9 +310,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.replot:
         done = json.loads((args.out / "evidence.json").read_text())
-        plot_evidence(done["per_run"], args.out / "evidence.png")
-        if len(done["variants"]) > 1:
-            plot_variant_deltas(done["per_run"], args.out / "evidence_variants.png")
+        write_plots(done["per_run"], args.out, len(done["variants"]))
         print(f"plots redrawn in {args.out}")
         return
     torch.set_num_threads(args.threads)
@@ -368,9 +383,7 @@ def main() -> None:
     )
     markdown += "\n\nPer seed:\n\n" + per_seed_table(rows)
     (args.out / "evidence.md").write_text(header + markdown + "\n")
-    plot_evidence(rows, args.out / "evidence.png")
-    if len(args.variants) > 1:
-        plot_variant_deltas(rows, args.out / "evidence_variants.png")
+    write_plots(rows, args.out, len(args.variants))
     if args.update_doc and DOC.is_file():
         start, end = _markers(args.update_doc)
         text = DOC.read_text()
