@@ -80,12 +80,18 @@ DEFAULT_SETTINGS = (
 
 
 def _config(
-    run_dir: Path, manifest: Path, head: str, seed: int, rounds: int, extra: list[str]
+    run_dir: Path,
+    manifest: Path,
+    head: str,
+    seed: int,
+    rounds: int,
+    extra: list[str],
+    base_config: Path | None = None,
 ) -> ICMILConfig:
     return load_config(
-        None,
+        base_config,
         [
-            *DEFAULT_SETTINGS,
+            *(DEFAULT_SETTINGS if base_config is None else ()),
             f"run_dir={run_dir}",
             f"manifest={manifest}",
             f"mil.head={head}",
@@ -293,6 +299,18 @@ def main() -> None:
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=c")
     ap.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="a cohort of your own (lesions.json beside it gives patch AUCs) instead of the synthetic one",
+    )
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="base config (e.g. configs/demo.yaml) instead of the bench's demo-scale settings",
+    )
+    ap.add_argument(
         "--reuse-round0",
         type=Path,
         default=None,
@@ -319,7 +337,10 @@ def main() -> None:
     from icmil.slides import synthesize_cohort
 
     cohort_cfg = load_config(None, [f"synth.{kv}" for kv in args.synth])
-    manifest = synthesize_cohort(args.out / "cohort", cohort_cfg.synth)
+    if args.manifest is not None:
+        manifest = args.manifest.resolve()
+    else:
+        manifest = synthesize_cohort(args.out / "cohort", cohort_cfg.synth)
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     shared_tiles: Path | None = None
@@ -345,7 +366,13 @@ def main() -> None:
                 elif shared_tiles is not None:
                     _share(shared_tiles, run_dir, ("manifest.csv", "tiles"))
                 cfg = _config(
-                    run_dir, manifest, head, seed, args.rounds, [*args.overrides, *VARIANTS[variant]]
+                    run_dir,
+                    manifest,
+                    head,
+                    seed,
+                    args.rounds,
+                    [*args.overrides, *VARIANTS[variant]],
+                    args.config,
                 )
                 t = time.perf_counter()
                 summary = run_coupling(cfg)

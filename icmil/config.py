@@ -123,6 +123,20 @@ class MILConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(200, ge=1)
     patience: int | None = Field(30, ge=1)
+    selection: Literal["auc", "loss"] = Field(
+        "auc",
+        description="checkpoint selection on the val split: auc (ties -> lower loss) or loss (mean cross-entropy)",
+    )
+    min_epochs: int = Field(
+        0, ge=0, description="epochs trained before selection and early stopping start (0 = from epoch 1)"
+    )
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an exponential moving average of the head's weights per step (0 = off); the "
+        "average is what is validated, selected and saved",
+    )
     grad_clip: float = Field(5.0, gt=0)
     standardize_features: bool = Field(
         True,
@@ -202,6 +216,25 @@ class CouplingConfig(_Section):
         ge=0,
         description="random-init round-0 encoder only: re-estimate its BatchNorm statistics on this many "
         "training patches (0 = off; encoders with weights are never touched)",
+    )
+    encoder_lr: float | None = Field(
+        None, gt=0, description="learning rate of the student encoder (None: coupling.lr, as the head)"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over this many steps")
+    train_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="train only the encoder's last N blocks (None: all layers, faithful; 0: none, head only); "
+        "frozen blocks keep their BatchNorm statistics",
+    )
+    feature_anchor: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a feature-preservation term: squared distance between student and teacher "
+        "features of the student's view, per dimension in units of the training patches' sd (0 = off)",
+    )
+    target_temperature: float = Field(
+        1.0, gt=0, description="temperature applied to the teacher's instance probabilities in L_c (<1 sharpens)"
     )
     amp: bool = True
     channels_last: bool = True

@@ -45,7 +45,7 @@ from icmil.config import ICMILConfig
 from icmil.coupling.augment import student_view
 from icmil.coupling.confidence import confidence_weights, normalised_scores, raw_confidence_scores
 from icmil.coupling.data import TrainBatches, ValEmbedder, build_pool, slide_sources, train_loader
-from icmil.coupling.losses import coupling_losses, teacher_outputs
+from icmil.coupling.losses import coupling_losses, sharpen, teacher_outputs
 from icmil.coupling.teacher import make_teacher_student
 from icmil.errors import ConfigError, ICMILError
 from icmil.io import write_json_atomic, write_text_atomic
@@ -223,6 +223,7 @@ def finetune_encoder(
     features_dir: str | os.PathLike[str] | None = None,
     run: StageRun | None = None,
     step_callback: Callable[[int, dict[str, float]], None] | None = None,
+    eval_callback: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``encoder`` as the student of ``head``'s instance teacher (see the module docstring).
 
@@ -230,6 +231,8 @@ def finetune_encoder(
     the balanced sampler and per-slide confidence without re-encoding, and restrict the pool to patches that
     embedded cleanly. Required for those two options. ``run``: a tracker stage run (metrics per step/eval).
     ``step_callback(step, metrics)`` is called after every optimiser step and evaluation (may raise to stop).
+    ``eval_callback(step, encoder)`` sees the encoder being evaluated (step 0: the teacher) right after each
+    evaluation, for diagnostics that need the weights themselves (it must not modify them).
     Inputs are not modified; the returned encoder is a new module on the CPU.
     """
     cc = cfg.coupling
@@ -271,7 +274,7 @@ def finetune_encoder(
     if not val_sources:
         raise ICMILError(f"coupling: no validation slide is readable: {val_failures}")
 
-    pair = make_teacher_student(encoder, head, student_bn=cc.student_bn)
+    pair = make_teacher_student(encoder, head, student_bn=cc.student_bn, train_blocks=cc.train_blocks)
     digest_fn = getattr(encoder, "digest", None)
     pool, pool_sources = build_pool(
         train_sources,
@@ -299,7 +302,19 @@ def finetune_encoder(
         feats = valer.embed(model)
         return score_val(pair.teacher_head, feats, labels, device)
 
-    optimizer = torch.optim.Adam(list(pair.student_parameters()), lr=cc.lr, weight_decay=cc.weight_decay)
+    groups = [{"params": list(pair.head_parameters()), "lr": cc.lr}]
+    encoder_params = list(pair.encoder_parameters())
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": cc.encoder_lr if cc.encoder_lr is not None else cc.lr})
+    optimizer = torch.optim.Adam(groups, lr=cc.lr, weight_decay=cc.weight_decay)
+    warmup = max(cc.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    # Per-dimension sd of the training patches' features (the head's standardisation): the unit of L_f.
+    anchor_scale = getattr(getattr(pair.teacher_head, "dimred", None), "input_scale", None)
+    if cc.feature_anchor > 0 and anchor_scale is not None:
+        anchor_scale = anchor_scale.detach().to(device)
     gen = torch.Generator(device=device).manual_seed(cc.seed)
     batches = TrainBatches(
         pool, pool_sources, cc.batch_size, cc.balanced_sampler, cc.seed, cc.balanced_positive_fraction
@@ -330,6 +345,8 @@ def finetune_encoder(
         run.log_metrics({k: teacher_metrics[k] for k in ("val_auc", "val_separation", "val_loss")}, step=0)
     if step_callback is not None:
         step_callback(0, dict(teacher_metrics))
+    if eval_callback is not None:
+        eval_callback(0, pair.teacher_encoder)
     best_key, best_step, best_metrics = _selection_key(teacher_metrics), 0, dict(teacher_metrics)
     best_state: dict[str, torch.Tensor] | None = None  # None = the teacher
     evals_since_best, stop_reason, step = 0, "max_steps", 0
@@ -357,11 +374,16 @@ def finetune_encoder(
             )
             if cc.channels_last:
                 x_student = x_student.contiguous(memory_format=torch.channels_last)
-            target = None
+            target = sharpen(t_out.probs, cc.target_temperature) if cc.target_temperature != 1.0 else None
             if cc.hard_negatives:
                 neg = (slide_label_t[slide_index_t[idx]] == cc.negative_class_index).to(device)
                 onehot = F.one_hot(torch.tensor(cc.negative_class_index), head.n_classes).float().to(device)
-                target = torch.where(neg[:, None], onehot[None, :], t_out.probs)
+                soft = target if target is not None else t_out.probs
+                target = torch.where(neg[:, None], onehot[None, :], soft)
+            anchor = None
+            if cc.feature_anchor > 0:
+                with torch.no_grad(), autocast():
+                    anchor = pair.teacher_encoder(x_student)
             weights = None
             if cc.confidence:
                 if slide_conf_t is not None and cc.per_slide_confidence:
@@ -382,10 +404,14 @@ def finetune_encoder(
                     sample_weights=weights,
                     weight_head=cc.loss_weight_wide1,
                     weight_trunk=cc.loss_weight_wide2,
+                    anchor_features=anchor,
+                    anchor_scale=anchor_scale if cc.feature_anchor > 0 else None,
+                    weight_anchor=cc.feature_anchor,
                 )
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
+            scheduler.step()
             n_patches += int(x.shape[0])
             values = losses.as_floats()
             if weights is not None:
@@ -439,6 +465,9 @@ def finetune_encoder(
                     )
                 if step_callback is not None:
                     step_callback(step, dict(metrics))
+                if eval_callback is not None:
+                    eval_callback(step, pair.student_encoder)
+                    pair.train_student()
                 if cc.patience is not None and evals_since_best >= cc.patience and cc.selection == "val":
                     stop_reason = "patience"
                     break
@@ -478,6 +507,11 @@ def finetune_encoder(
                     "balanced_sampler",
                     "per_slide_confidence",
                     "stain_augment",
+                    "train_blocks",
+                    "encoder_lr",
+                    "warmup_steps",
+                    "feature_anchor",
+                    "target_temperature",
                 )
             },
             "beta": beta if cc.confidence else None,

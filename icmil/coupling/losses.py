@@ -63,15 +63,30 @@ class CouplingLosses:
     consistency: torch.Tensor  # L_c
     head_anchor: torch.Tensor  # L_w1
     trunk_anchor: torch.Tensor  # L_w2
+    feature_anchor: torch.Tensor | None = None  # L_f (option), unweighted
 
     def as_floats(self) -> dict[str, float]:
-        """``{"loss": ..., "loss_c": ..., "loss_w1": ..., "loss_w2": ...}`` for logging."""
-        return {
+        """``{"loss": ..., "loss_c": ..., "loss_w1": ..., "loss_w2": ...[, "loss_f": ...]}`` for logging."""
+        out = {
             "loss": float(self.total.detach()),
             "loss_c": float(self.consistency.detach()),
             "loss_w1": float(self.head_anchor.detach()),
             "loss_w2": float(self.trunk_anchor.detach()),
         }
+        if self.feature_anchor is not None:
+            out["loss_f"] = float(self.feature_anchor.detach())
+        return out
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log p / T)``: T < 1 sharpens the teacher's probabilities, T = 1 returns them unchanged.
+
+    >>> sharpen(torch.tensor([[0.75, 0.25]]), 0.5).tolist()
+    [[0.8999999761581421, 0.10000000149011612]]
+    """
+    if temperature == 1.0:
+        return probs
+    return (probs.float().clamp_min(1e-12).log() / temperature).softmax(dim=-1)
 
 
 def kl_per_sample(target_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -108,6 +123,9 @@ def coupling_losses(
     sample_weights: torch.Tensor | None = None,
     weight_head: float = 0.5,
     weight_trunk: float = 0.5,
+    anchor_features: torch.Tensor | None = None,
+    anchor_scale: torch.Tensor | None = None,
+    weight_anchor: float = 0.0,
 ) -> CouplingLosses:
     """The ICMIL stage-2 loss for one batch (see the module docstring for each term).
 
@@ -115,12 +133,17 @@ def coupling_losses(
     the same patches. ``target_probs`` ``(B, C)`` replaces ``p_T`` in L_c (hard negatives).
     ``sample_weights`` ``(B,)`` weights L_c per patch; the term is ``mean(w · KL)`` as in the TMI variant
     (so the weights also scale its size, which is the point of down-weighting unconfident patches).
+    ``anchor_features`` ``(B, D)``: the frozen teacher encoder's features of the STUDENT's view; with
+    ``weight_anchor > 0`` the loss adds ``weight_anchor · L_f``, ``L_f = mean((f_S(x') − f_T(x'))² / s²)`` with
+    ``s = anchor_scale`` (per-dimension sd of the training patches' features): the student may change what the
+    instance decision needs, not the rest of what the pretrained features encode.
     """
     p_teacher = teacher.probs
     target = p_teacher if target_probs is None else target_probs
     features_t = teacher.features.detach()
 
-    student_logits = student_head.instance_classify(student_head.instance_embed(student_encoder(x_student)))
+    student_features = student_encoder(x_student)
+    student_logits = student_head.instance_classify(student_head.instance_embed(student_features))
     kl_c = kl_per_sample(target, student_logits)
     if sample_weights is not None:
         if sample_weights.shape != kl_c.shape:
@@ -135,4 +158,13 @@ def coupling_losses(
     loss_w2 = kl_per_sample(teacher.hidden.float().softmax(dim=-1), hidden_s_on_teacher).mean()
 
     total = loss_c + weight_head * loss_w1 + weight_trunk * loss_w2
-    return CouplingLosses(total=total, consistency=loss_c, head_anchor=loss_w1, trunk_anchor=loss_w2)
+    loss_f = None
+    if anchor_features is not None and weight_anchor > 0:
+        diff = student_features.float() - anchor_features.detach().float()
+        if anchor_scale is not None:
+            diff = diff / anchor_scale.to(diff).clamp_min(1e-6)
+        loss_f = diff.pow(2).mean()
+        total = total + weight_anchor * loss_f
+    return CouplingLosses(
+        total=total, consistency=loss_c, head_anchor=loss_w1, trunk_anchor=loss_w2, feature_anchor=loss_f
+    )

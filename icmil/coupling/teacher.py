@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 from torch import nn
 
+from icmil.coupling.trainable import freeze_leading_blocks, set_frozen_eval
 from icmil.mil.base import MILHead
 
 M = TypeVar("M", bound=nn.Module)
@@ -38,23 +39,34 @@ class TeacherStudent:
     student_encoder: nn.Module
     student_head: MILHead
     student_bn: str = "train"
+    frozen_blocks: list[nn.Module] = field(default_factory=list)
 
     def train_student(self) -> TeacherStudent:
         """Put the student in training mode; with ``student_bn="frozen"`` its BatchNorm layers stay in eval mode
-        (running statistics fixed at the teacher's, affine parameters still trained)."""
+        (running statistics fixed at the teacher's, affine parameters still trained), and blocks left out of
+        training (``coupling.train_blocks``) stay in eval mode altogether."""
         self.student_encoder.train()
         self.student_head.train()
         if self.student_bn == "frozen":
             for m in self.student_encoder.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        set_frozen_eval(self.frozen_blocks)
         return self
 
-    def student_parameters(self) -> Iterator[nn.Parameter]:
-        """Every student parameter (encoder, trunk, head). Parameters of the bag head that the instance path
-        does not use (attention) simply never get a gradient and so are never updated."""
-        yield from self.student_encoder.parameters()
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """The student encoder's trainable parameters."""
+        yield from (p for p in self.student_encoder.parameters() if p.requires_grad)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """The student trunk's and head's parameters. Parameters of the bag head that the instance path does not
+        use (attention) simply never get a gradient and so are never updated."""
         yield from self.student_head.parameters()
+
+    def student_parameters(self) -> Iterator[nn.Parameter]:
+        """Every trainable student parameter (encoder, trunk, head)."""
+        yield from self.encoder_parameters()
+        yield from self.head_parameters()
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> TeacherStudent:
         for enc in (self.teacher_encoder, self.student_encoder):
@@ -74,12 +86,15 @@ def freeze(module: M) -> M:
     return module
 
 
-def make_teacher_student(encoder: nn.Module, head: MILHead, student_bn: str = "train") -> TeacherStudent:
+def make_teacher_student(
+    encoder: nn.Module, head: MILHead, student_bn: str = "train", train_blocks: int | None = None
+) -> TeacherStudent:
     """Deep-copy ``encoder`` and ``head`` twice: a frozen teacher and a trainable student (inputs untouched).
 
     ``student_bn``: ``"train"`` (faithful: the student's BatchNorm normalises with batch statistics and keeps
     updating its running statistics — on augmented views) or ``"frozen"`` (running statistics stay the
     teacher's, so the student starts as exactly the teacher and its clean-patch features do not drift).
+    ``train_blocks``: train only the encoder's last N blocks (:mod:`icmil.coupling.trainable`; None = all).
     """
     if student_bn not in ("train", "frozen"):
         raise ValueError(f"student_bn must be 'train' or 'frozen', got {student_bn!r}")
@@ -89,5 +104,6 @@ def make_teacher_student(encoder: nn.Module, head: MILHead, student_bn: str = "t
     student_head = copy.deepcopy(head)
     for p in (*student_encoder.parameters(), *student_head.parameters()):
         p.requires_grad_(True)
-    pair = TeacherStudent(teacher_encoder, teacher_head, student_encoder, student_head, student_bn)
+    frozen = freeze_leading_blocks(student_encoder, train_blocks)
+    pair = TeacherStudent(teacher_encoder, teacher_head, student_encoder, student_head, student_bn, frozen)
     return pair.train_student()

@@ -81,13 +81,17 @@ def save_training_state(
     state: TrainingState,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    averaged: torch.nn.Module | None = None,
 ) -> None:
-    """Write this epoch's model/optimiser files, then ``state.json`` pointing at them, then drop older files."""
+    """Write this epoch's model/optimiser files (and the weight average's, when training keeps one), then
+    ``state.json`` pointing at them, then drop older files."""
     ckpt = Path(out_dir) / CHECKPOINT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = flatten_state(optimizer.state_dict())
     state_to_safetensors(model.state_dict(), ckpt / f"model-{state.epoch}.safetensors")
     state_to_safetensors(tensors, ckpt / f"optim-{state.epoch}.safetensors")
+    if averaged is not None:
+        state_to_safetensors(averaged.state_dict(), ckpt / f"average-{state.epoch}.safetensors")
     write_json_atomic(ckpt / "state.json", {**state.__dict__, "optimizer": skeleton})
     for old in ckpt.glob("*-*.safetensors"):
         if old.stem.rsplit("-", 1)[-1] != str(state.epoch):
@@ -96,9 +100,14 @@ def save_training_state(
 
 
 def load_training_state(
-    out_dir: str | os.PathLike[str], run_key: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    out_dir: str | os.PathLike[str],
+    run_key: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    averaged: torch.nn.Module | None = None,
 ) -> TrainingState | None:
-    """Restore model + optimiser from the last finished epoch; None if there is nothing (compatible) to resume."""
+    """Restore model + optimiser (+ the weight average) from the last finished epoch; None if there is nothing
+    (compatible) to resume."""
     ckpt = Path(out_dir) / CHECKPOINT_DIR
     path = ckpt / "state.json"
     if not path.is_file():
@@ -121,6 +130,8 @@ def load_training_state(
         model.load_state_dict(load_file(str(ckpt / f"model-{epoch}.safetensors")))
         tensors = load_file(str(ckpt / f"optim-{epoch}.safetensors"))
         optimizer.load_state_dict(unflatten_state(raw["optimizer"], tensors))
+        if averaged is not None:
+            averaged.load_state_dict(load_file(str(ckpt / f"average-{epoch}.safetensors")))
     except Exception as err:  # corrupt or missing epoch files: do not trust any of it
         log.warning("checkpoint of epoch %d in %s cannot be loaded (%s); starting fresh", epoch, ckpt, err)
         return None

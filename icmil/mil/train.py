@@ -135,16 +135,45 @@ def _run_key(
     return text_digest(cfg.model_dump(mode="json"), manifest.digest, manifest.classes, stats, lesions or {})
 
 
-def _better(auc: float, loss: float, state: TrainingState) -> bool:
-    """Higher validation AUC wins; equal (or both undefined) AUC -> lower validation loss wins."""
+def _better(auc: float, loss: float, state: TrainingState, selection: str = "auc") -> bool:
+    """``selection="auc"``: higher validation AUC wins; equal (or both undefined) AUC -> lower validation loss.
+    ``"loss"``: lower validation cross-entropy wins (a continuous signal: on a few validation slides AUC moves
+    in coarse steps and ties or flips on one slide)."""
     if state.best_epoch == 0:
         return True
+    best_loss = state.best_loss if state.best_loss is not None else math.inf
+    if selection == "loss":
+        return (loss if loss == loss else math.inf) < best_loss
     best_auc = state.best_auc if state.best_auc is not None else float("nan")
     a = auc if auc == auc else -math.inf
     b = best_auc if best_auc == best_auc else -math.inf
     if a != b:
         return a > b
-    return loss < (state.best_loss if state.best_loss is not None else math.inf)
+    return loss < best_loss
+
+
+class WeightAverage:
+    """Exponential moving average of a module's parameters, updated after every optimiser step.
+
+    The average is a second copy of the head (buffers copied from the live head); a decay of 0.9 over ~50
+    steps per epoch averages roughly the last epoch of updates. It smooths the epoch-to-epoch jitter of a head
+    trained one slide per step, which is what makes selection on a small validation split a coin toss.
+    """
+
+    def __init__(self, model: MILHead, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, live: torch.nn.Module) -> None:
+        for avg, p in zip(self.model.parameters(), live.parameters(), strict=True):
+            avg.lerp_(p.detach(), 1.0 - self.decay)
+        for avg_b, b in zip(self.model.buffers(), live.buffers(), strict=True):
+            avg_b.copy_(b)
 
 
 def _finished(out: Path, run_key: str) -> dict[str, Any] | None:
@@ -179,6 +208,7 @@ def _train_epoch(
     train: pd.DataFrame,
     cfg: MILConfig,
     epoch: int,
+    average: WeightAverage | None = None,
 ) -> float:
     head.train()
     order = np.random.default_rng(_epoch_seed(cfg.seed, epoch)).permutation(len(train))
@@ -197,6 +227,8 @@ def _train_epoch(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
         optimizer.step()
+        if average is not None:
+            average.update(head)
         losses.append(float(loss.detach()))
     return float(np.mean(losses))
 
@@ -254,18 +286,21 @@ def train_mil_head(
 
     moments = store.feature_moments(train_df["slide_id"]) if cfg.standardize_features else None
 
-    def fresh() -> tuple[MILHead, torch.optim.Optimizer]:
+    def fresh() -> tuple[MILHead, torch.optim.Optimizer, WeightAverage | None]:
         seed_everything(cfg.seed)
         head = head_from_config(cfg, in_dim, n_classes)
         head.classes = list(m.classes)
         if moments is not None and not head.set_feature_standardization(*moments):
             log.warning("head %r has no DimRed trunk: mil.standardize_features does not apply", cfg.head)
-        return head, build_optimizer(cfg.head, head.parameters(), cfg)
+        average = WeightAverage(head, cfg.ema) if cfg.ema > 0 else None
+        return head, build_optimizer(cfg.head, head.parameters(), cfg), average
 
-    head, optimizer = fresh()
-    state = load_training_state(out, run_key, head, optimizer)
+    head, optimizer, average = fresh()
+    state = load_training_state(
+        out, run_key, head, optimizer, averaged=average.model if average is not None else None
+    )
     if state is None:
-        head, optimizer = fresh()  # a failed load may have left half-restored weights
+        head, optimizer, average = fresh()  # a failed load may have left half-restored weights
         state = TrainingState(run_key=run_key)
         # Outputs of an older, different run must not sit next to (or be mistaken for) this one's.
         for stale in ("metrics.json", "predictions.csv", "history.csv", "roc.png", WEIGHTS_FILE, CONFIG_FILE):
@@ -286,12 +321,15 @@ def train_mil_head(
         in_dim,
         len(test_df),
     )
+    # Selection and early stopping start at min_epochs (never later than the last epoch).
+    first_selectable = min(max(cfg.min_epochs, 1), cfg.epochs)
     while state.epoch < cfg.epochs and (cfg.patience is None or state.bad_epochs < cfg.patience):
         epoch = state.epoch + 1
         t0 = time.perf_counter()
         torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-        train_loss = _train_epoch(head, optimizer, store, train_df, cfg, epoch)
-        val = predict_slides(head, store, val_df)
+        train_loss = _train_epoch(head, optimizer, store, train_df, cfg, epoch, average)
+        scored = average.model if average is not None else head
+        val = predict_slides(scored, store, val_df)
         val_auc = multiclass_auc(val.labels, val.probs)
         val_metrics = classification_metrics(val.labels, val.probs)
         row = {
@@ -303,16 +341,20 @@ def train_mil_head(
             "val_balanced_accuracy": val_metrics["balanced_accuracy"],
             "seconds": time.perf_counter() - t0,
         }
-        if _better(val_auc, val.mean_loss, state):
+        if epoch < first_selectable:
+            pass  # too early to select or to count towards patience
+        elif _better(val_auc, val.mean_loss, state, cfg.selection):
             state.best_epoch, state.best_auc, state.best_loss = epoch, val_auc, val.mean_loss
             state.bad_epochs = 0
-            save_mil_head(head, out, extra={**extra, "best_epoch": epoch})
+            save_mil_head(scored, out, extra={**extra, "best_epoch": epoch})
         else:
             state.bad_epochs += 1
         row["best_epoch"] = state.best_epoch
         state.epoch = epoch
         state.history.append(row)
-        save_training_state(out, state, head, optimizer)
+        save_training_state(
+            out, state, head, optimizer, averaged=average.model if average is not None else None
+        )
         write_text_atomic(
             out / "history.csv", pd.DataFrame(state.history, columns=HISTORY_COLUMNS).to_csv(index=False)
         )
