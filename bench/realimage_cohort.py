@@ -10,9 +10,11 @@ photomicrographs only:
   ``stardist``'s H&E example (500x300) and ``slideflow``'s normalisation tile (299x299).
 
 Each file is taken from the pinned wheel on PyPI (``pip download --no-deps``; nothing is installed) and checked
-against its SHA-256. Every source image is cut into three disjoint parts along its longer side (train 50 %,
-val 20 %, test 30 % of its length): a split's slides are assembled only from that split's parts, so no pixel
-of a training slide ever appears in a validation or test slide.
+against its SHA-256. Every source image is cut into bands of ~500 px along its longer side, dealt out to
+train / val / test (50 / 20 / 30 %, interleaved so that each split sees the image's whole range of tissue): a
+split's slides are assembled only from that split's bands, so no pixel of a training slide ever appears in a
+validation or test slide. The tumour photographs come from other labs: their colours are matched to the normal
+tissue's stain (Reinhard, L*a*b* mean/sd), so tumour differs from normal by morphology, not by stain.
 
 A slide (level 0 at 0.5 µm/px, ``--width`` x ``--height``) is glass with one or two irregular tissue pieces;
 the tissue is a mosaic of large randomly rotated/flipped crops of the normal image (its own holes and loose
@@ -121,12 +123,13 @@ class CohortSettings:
     lesions: tuple[int, int] = (1, 3)
     lesion_radius: tuple[int, int] = (120, 260)
     tissue_coverage: tuple[float, float] = (0.45, 0.7)
-    mosaic_cell: int = 768
+    mosaic_cell: int = 384
+    band: int = 500
     stain_jitter: float = 0.08
     extra: dict[str, str] = field(default_factory=dict)
 
     def digest(self) -> str:
-        return text_digest(asdict(self), "realimage-v1")
+        return text_digest(asdict(self), "realimage-v2")
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -182,19 +185,49 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
-def split_parts(image: np.ndarray) -> dict[str, tuple[np.ndarray, tuple[int, int, int]]]:
-    """Cut ``image`` into disjoint train/val/test parts along its longer side:
-    ``{split: (part, (axis, start, stop))}``."""
+def split_parts(image: np.ndarray, band: int = 500) -> dict[str, tuple[list[np.ndarray], list[tuple[int, int, int]]]]:
+    """Cut ``image`` into bands of about ``band`` px along its longer side and deal them out to train / val /
+    test (50 / 20 / 30 % of the bands, interleaved): ``{split: (bands, [(axis, start, stop), ...])}``.
+
+    Interleaved, not contiguous thirds: a real image is not homogeneous (CMU-1's lower third is mostly dense
+    dermis and epidermis, its upper part loose tissue), and contiguous thirds made the test split a different
+    tissue type from the training split. Bands keep every pixel in one split while each split sees the image's
+    whole range of tissue.
+    """
     axis = 0 if image.shape[0] >= image.shape[1] else 1
     n = image.shape[axis]
-    out: dict[str, tuple[np.ndarray, tuple[int, int, int]]] = {}
-    start = 0
-    for i, split in enumerate(SPLITS):
-        stop = n if i == len(SPLITS) - 1 else start + round(n * SPLIT_FRACTIONS[split])
-        part = image[start:stop] if axis == 0 else image[:, start:stop]
-        out[split] = (np.ascontiguousarray(part), (axis, start, stop))
-        start = stop
+    n_bands = max(len(SPLITS), round(n / band))
+    edges = np.linspace(0, n, n_bands + 1).round().astype(int)
+    assigned = dict.fromkeys(SPLITS, 0)
+    out: dict[str, tuple[list[np.ndarray], list[tuple[int, int, int]]]] = {s: ([], []) for s in SPLITS}
+    for i in range(n_bands):
+        # Give the band to the split furthest behind its share (every split gets at least one band).
+        missing = [s for s in SPLITS if assigned[s] == 0]
+        left = n_bands - i
+        pool = missing if len(missing) >= left else list(SPLITS)
+        split = max(pool, key=lambda s: SPLIT_FRACTIONS[s] * n_bands - assigned[s])
+        assigned[split] += 1
+        a, b = int(edges[i]), int(edges[i + 1])
+        part = image[a:b] if axis == 0 else image[:, a:b]
+        out[split][0].append(np.ascontiguousarray(part))
+        out[split][1].append((axis, a, b))
     return out
+
+
+def match_stain(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Reinhard colour transfer: ``image``'s tissue pixels get the per-channel L*a*b* mean/sd of ``reference``'s
+    tissue. Tumour and normal tissue of one slide are stained in one batch; without this, the tumour
+    photographs (other labs) would differ from the normal tissue by stain colour alone."""
+    def stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
+        tissue = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1] > 20
+        px = lab[tissue] if tissue.any() else lab.reshape(-1, 3)
+        return lab, px.mean(0), px.std(0) + 1e-6
+
+    lab, mu, sd = stats(image)
+    _, mu_ref, sd_ref = stats(reference)
+    out = (lab - mu) / sd * sd_ref + mu_ref
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
 # --------------------------------------------------------------------------------------- composition
@@ -219,12 +252,20 @@ def _mirror_pad(image: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def random_crop(
-    rng: np.random.Generator, image: np.ndarray, h: int, w: int, min_tissue: float = 0.0, tries: int = 20
+    rng: np.random.Generator,
+    images: Sequence[np.ndarray],
+    h: int,
+    w: int,
+    min_tissue: float = 0.0,
+    tries: int = 20,
 ) -> np.ndarray:
-    """An (h, w) crop of ``image`` under a random rotation by 90° steps and flip; images smaller than the crop
-    are mirror-padded (real texture, reflected). Prefers crops with at least ``min_tissue`` stained area."""
+    """An (h, w) crop of one of ``images`` (chosen by area) under a random rotation by 90° steps and flip;
+    images smaller than the crop are mirror-padded (real texture, reflected). Prefers crops with at least
+    ``min_tissue`` stained area."""
+    areas = np.array([im.shape[0] * im.shape[1] for im in images], dtype=float)
     best, best_frac = None, -1.0
     for _ in range(tries):
+        image = images[int(rng.choice(len(images), p=areas / areas.sum()))]
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         ch, cw = (h, w) if k % 2 == 0 else (w, h)  # the window in the source's own orientation
         img = _mirror_pad(image, ch, cw)
@@ -280,6 +321,47 @@ def focus_mask(rng: np.random.Generator, radius: int) -> np.ndarray:
     return np.clip((1.0 - r) * radius / edge, 0.0, 1.0).astype(np.float32)
 
 
+def paste_focus(
+    rng: np.random.Generator,
+    slide: np.ndarray,
+    cy: int,
+    cx: int,
+    radius: int,
+    tumours: Sequence[Sequence[np.ndarray]],
+) -> list[int]:
+    """Paste a tumour focus (in place) around (cy, cx): a cluster of 3–8 overlapping nests, each a soft
+    irregular disc cut whole from one tumour band (never mirrored or tiled: the nests' texture is the
+    photograph's own). Returns the focus's level-0 box ``[x0, y0, x1, y1]`` (where the nests are > 50 %)."""
+    h, w = slide.shape[:2]
+    covered = np.zeros((2 * radius + 1, 2 * radius + 1), dtype=np.float32)
+    for _ in range(int(rng.integers(3, 9))):
+        bands = tumours[int(rng.integers(len(tumours)))]
+        band = bands[int(rng.integers(len(bands)))]
+        r_max = min(band.shape[:2]) // 2 - 1
+        r = int(min(rng.integers(60, 111), r_max, radius))
+        angle, dist = rng.uniform(0, 2 * np.pi), (radius - r) * np.sqrt(rng.uniform())
+        sy, sx = int(cy + dist * np.sin(angle)), int(cx + dist * np.cos(angle))
+        sy, sx = int(np.clip(sy, r, h - r - 1)), int(np.clip(sx, r, w - r - 1))
+        alpha = focus_mask(rng, r)
+        fill = random_crop(rng, [band], 2 * r + 1, 2 * r + 1).astype(np.float32)
+        region = slide[sy - r : sy + r + 1, sx - r : sx + r + 1].astype(np.float32)
+        a3 = alpha[..., None]
+        slide[sy - r : sy + r + 1, sx - r : sx + r + 1] = (a3 * fill + (1 - a3) * region).astype(np.uint8)
+        oy, ox = sy - r - (cy - radius), sx - r - (cx - radius)
+        y0, x0 = max(oy, 0), max(ox, 0)
+        y1, x1 = min(oy + 2 * r + 1, covered.shape[0]), min(ox + 2 * r + 1, covered.shape[1])
+        if y1 > y0 and x1 > x0:
+            sub = covered[y0:y1, x0:x1]
+            np.maximum(sub, alpha[y0 - oy : y1 - oy, x0 - ox : x1 - ox], out=sub)
+    inside = np.nonzero(covered > 0.5)
+    return [
+        int(cx - radius + inside[1].min()),
+        int(cy - radius + inside[0].min()),
+        int(cx - radius + inside[1].max() + 1),
+        int(cy - radius + inside[0].max() + 1),
+    ]
+
+
 def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     """Per-slide stain variation: optical density scaled per channel by 1 + N(0, sigma)."""
     if sigma <= 0:
@@ -292,12 +374,13 @@ def stain_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float) -> np.
 
 def compose_slide(
     rng: np.random.Generator,
-    normal: np.ndarray,
-    tumours: Sequence[np.ndarray],
+    normal: Sequence[np.ndarray],
+    tumours: Sequence[Sequence[np.ndarray]],
     positive: bool,
     s: CohortSettings,
 ) -> tuple[np.ndarray, list[list[int]]]:
-    """One slide's level-0 RGB and its lesion boxes (level-0 ``[x0, y0, x1, y1]``)."""
+    """One slide's level-0 RGB and its lesion boxes (level-0 ``[x0, y0, x1, y1]``). ``normal``: the bands of
+    normal tissue of the slide's split; ``tumours``: per tumour image, its bands of the split."""
     h, w = s.height, s.width
     slide = np.full((h, w, 3), GLASS, dtype=np.uint8)
     slide += rng.integers(0, 4, size=(h, w, 1), dtype=np.uint8)  # faint glass noise
@@ -314,26 +397,11 @@ def compose_slide(
     if positive:
         ys, xs = np.nonzero(shape[::16, ::16])
         for _ in range(int(rng.integers(s.lesions[0], s.lesions[1] + 1))):
-            r = int(rng.integers(s.lesion_radius[0], s.lesion_radius[1] + 1))
+            radius = int(rng.integers(s.lesion_radius[0], s.lesion_radius[1] + 1))
             i = int(rng.integers(len(ys)))
-            cy = int(np.clip(ys[i] * 16, r, h - r - 1))
-            cx = int(np.clip(xs[i] * 16, r, w - r - 1))
-            alpha = focus_mask(rng, r)[..., None]
-            source = tumours[int(rng.integers(len(tumours)))]
-            fill = random_crop(rng, source, 2 * r + 1, 2 * r + 1).astype(np.float32)
-            region = slide[cy - r : cy + r + 1, cx - r : cx + r + 1].astype(np.float32)
-            slide[cy - r : cy + r + 1, cx - r : cx + r + 1] = (alpha * fill + (1 - alpha) * region).astype(
-                np.uint8
-            )
-            inside = np.nonzero(alpha[..., 0] > 0.5)
-            boxes.append(
-                [
-                    int(cx - r + inside[1].min()),
-                    int(cy - r + inside[0].min()),
-                    int(cx - r + inside[1].max() + 1),
-                    int(cy - r + inside[0].max() + 1),
-                ]
-            )
+            cy = int(np.clip(ys[i] * 16, radius, h - radius - 1))
+            cx = int(np.clip(xs[i] * 16, radius, w - radius - 1))
+            boxes.append(paste_focus(rng, slide, cy, cx, radius, tumours))
     return stain_jitter(slide, rng, s.stain_jitter), boxes
 
 
@@ -368,7 +436,9 @@ def build_cohort(out: Path, s: CohortSettings, images: dict[Source, np.ndarray])
     """Write the cohort under ``out`` (see the module docstring); returns ``manifest.csv``."""
     slides_dir = out / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
-    parts = {src: split_parts(img) for src, img in images.items()}
+    normal_ref = next(img for src, img in images.items() if src.role == "normal")
+    matched = {src: img if src.role == "normal" else match_stain(img, normal_ref) for src, img in images.items()}
+    parts = {src: split_parts(img, s.band) for src, img in matched.items()}
     rng = np.random.default_rng(s.seed)
     counts = {"train": s.n_train, "val": s.n_val, "test": s.n_test}
     plan: list[tuple[str, str, bool, int]] = []  # slide_id, split, positive, seed
@@ -391,9 +461,9 @@ def build_cohort(out: Path, s: CohortSettings, images: dict[Source, np.ndarray])
         if target.is_file() and sid in lesions:
             continue
         srng = np.random.default_rng(seed)
-        normal = [parts[src][split][0] for src in images if src.role == "normal"]
+        normal = [band for src in images if src.role == "normal" for band in parts[src][split][0]]
         tumours = [parts[src][split][0] for src in images if src.role == "tumor"]
-        rgb, boxes = compose_slide(srng, normal[int(srng.integers(len(normal)))], tumours, pos, s)
+        rgb, boxes = compose_slide(srng, normal, tumours, pos, s)
         write_pyramid_tiff(target, rgb, s.mpp)
         lesions[sid] = boxes
         write_json_atomic(stamp, {"digest": digest, "settings": asdict(s), "lesions": lesions})
@@ -407,9 +477,11 @@ def build_cohort(out: Path, s: CohortSettings, images: dict[Source, np.ndarray])
         [
             {
                 **{k: v for k, v in asdict(src).items()},
-                "parts": {
-                    split: {"axis": ax, "start": a, "stop": b} for split, (_, (ax, a, b)) in parts[src].items()
+                "bands": {
+                    split: [{"axis": ax, "start": a, "stop": b} for ax, a, b in spans]
+                    for split, (_, spans) in parts[src].items()
                 },
+                "stain_matched_to_normal": src.role != "normal",
             }
             for src in images
         ],
