@@ -168,6 +168,10 @@ class CouplingConfig(_Section):
     """Stage 2 (teacher-student fine-tuning of the embedder) and the round driver."""
 
     rounds: int = Field(1, ge=0)
+    force_rounds: bool = Field(
+        False,
+        description="run every round even after one kept its teacher (by default the run stops there: converged)",
+    )
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(100, ge=1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ log = get_logger("coupling")
 # Settings that do not change any result: they may differ between a run and its resumption.
 RESUME_FREE_PREFIXES = (
     "coupling.rounds",
+    "coupling.force_rounds",
     "run_dir",
     "cache_dir",
     "tracking.",
@@ -72,6 +74,7 @@ RESUME_FREE_PREFIXES = (
 
 SUMMARY_COLUMNS = [
     "round",
+    "teacher_kept",
     "val_auc",
     "test_auc",
     "test_accuracy",
@@ -166,6 +169,19 @@ def prepare_run(cfg: ICMILConfig) -> tuple[Path, Path | None]:
     return manifest_csv, lesions if lesions is not None and lesions.is_file() else None
 
 
+def model_round(run: Path, k: int) -> int:
+    """The round whose features and head round ``k`` uses: ``k`` itself, or — when round ``k`` kept its
+    teacher — the round it reused (followed back to a round that trained its own head)."""
+    seen = set()
+    while k not in seen:
+        seen.add(k)
+        m = read_marker(round_dir(run, k) / METRICS_FILE)
+        if m is None or not m.get("teacher_kept"):
+            return k
+        k = int(m["reused_from_round"])
+    return k
+
+
 def run_round(
     cfg: ICMILConfig,
     run: Path,
@@ -174,24 +190,32 @@ def run_round(
     tracker: StageTracker,
     lesions_json: Path | None,
 ) -> dict[str, Any]:
-    """All stages of round ``k`` (0: embed + train + evaluate; k >= 1: fine-tune first)."""
+    """All stages of round ``k`` (0: embed + train + evaluate; k >= 1: fine-tune first).
+
+    When stage 2 keeps the teacher (no student beat it on validation), the round's encoder is the previous
+    one, so re-embedding and retraining would reproduce the previous round: the round instead records the
+    previous round's metrics with ``teacher_kept: true`` and ``reused_from_round`` (no embedding, no training).
+    """
     tiles = run / "tiles"
     here = round_dir(run, k)
     if k == 0:
         encoder_stage(cfg, manifest_csv, tiles, here / "encoder", tracker)
     else:
-        prev = round_dir(run, k - 1)
-        finetune_stage(
+        src = model_round(run, k - 1)
+        prev = round_dir(run, src)
+        ft = finetune_stage(
             cfg,
             manifest_csv,
             tiles,
-            prev / "encoder",
+            round_dir(run, k - 1) / "encoder",
             prev / "head",
             prev / "features",
             here / "encoder",
             k,
             tracker,
         )
+        if int(ft.get("best_step", -1)) == 0:
+            return kept_teacher_round(cfg, run, k, src, ft, tracker)
     embed_stage(cfg, manifest_csv, tiles, here / "encoder", here / "features", k, tracker=tracker)
     train_stage(cfg, manifest_csv, here / "features", here / "head", k, tracker, lesions_json=lesions_json)
     return evaluate_stage(
@@ -207,6 +231,41 @@ def run_round(
     )
 
 
+def kept_teacher_round(
+    cfg: ICMILConfig, run: Path, k: int, src: int, finetune: Mapping[str, Any], tracker: StageTracker
+) -> dict[str, Any]:
+    """Round ``k``'s evaluation when stage 2 kept the teacher: round ``src``'s metrics, marked as such."""
+    marker = round_dir(run, k) / METRICS_FILE
+    done = read_marker(marker)
+    if done is not None:
+        return done
+    previous = read_marker(round_dir(run, src) / METRICS_FILE) or {}
+    record = {
+        **{key: v for key, v in previous.items() if key not in ("stage", "round", "seconds", "finished_at")},
+        "stage": "evaluate",
+        "round": k,
+        "teacher_kept": True,
+        "reused_from_round": src,
+        "finetune_best_step": 0,
+        "finetune_teacher_val_auc": (finetune.get("teacher") or {}).get("val_auc"),
+        "finetune_selected_val_auc": (finetune.get("selected") or {}).get("val_auc"),
+        "finetune_patches_per_s": finetune.get("patches_per_s"),
+        "config_digest": cfg.digest(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    log.info(
+        "round %d: stage 2 kept the teacher (no student beat it on validation); round %d's features and head "
+        "stand for this round — nothing re-embedded or retrained",
+        k,
+        src,
+    )
+    with tracker.stage("evaluate", k) as stage_run:
+        stage_run.set_tags({"teacher_kept": "true", "reused_from_round": str(src)})
+        stage_run.log_metrics({"teacher_kept": 1.0}, step=k)
+    write_json_atomic(marker, record)
+    return record
+
+
 def run_coupling(cfg: ICMILConfig, tracker: StageTracker | None = None) -> pd.DataFrame:
     """Run (or resume) ICMIL in ``cfg.run_dir`` for ``cfg.coupling.rounds`` rounds; returns the summary table
     (one row per round: val/test slide metrics, instance-teacher patch AUC, fine-tuning selection)."""
@@ -215,7 +274,15 @@ def run_coupling(cfg: ICMILConfig, tracker: StageTracker | None = None) -> pd.Da
     manifest_csv, lesions_json = prepare_run(cfg)
     tile_stage(cfg, manifest_csv, run / "tiles", tracker=tracker)
     for k in range(cfg.coupling.rounds + 1):
-        run_round(cfg, run, manifest_csv, k, tracker, lesions_json)
+        rec = run_round(cfg, run, manifest_csv, k, tracker, lesions_json)
+        if rec.get("teacher_kept") and not cfg.coupling.force_rounds and k < cfg.coupling.rounds:
+            log.info(
+                "round %d kept its teacher: converged, rounds %d-%d not run (coupling.force_rounds=true runs them)",
+                k,
+                k + 1,
+                cfg.coupling.rounds,
+            )
+            break
     summary = write_summary(run, cfg.coupling.rounds)
     with tracker.parent() as parent:
         for row in summary.to_dict("records"):
@@ -243,7 +310,9 @@ def summary_table(run: Path, rounds: int) -> pd.DataFrame:
         m = read_marker(round_dir(run, k) / METRICS_FILE)
         if m is None:
             continue
-        rows.append({"round": k, **{c: m.get(c) for c in SUMMARY_COLUMNS if c != "round"}})
+        row = {"round": k, **{c: m.get(c) for c in SUMMARY_COLUMNS if c != "round"}}
+        row["teacher_kept"] = bool(m.get("teacher_kept", False))
+        rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
