@@ -254,6 +254,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from icmil.features.catalog import encoder_catalog, format_catalog
+
+    rows = encoder_catalog(_config(args).encoder)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_catalog(rows))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from icmil.config import config_to_yaml
 
@@ -359,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slides", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("predictions"))
     p.add_argument("--tracking-uri", default=None)
+
+    p = add(
+        "encoders", cmd_encoders, "list the encoder presets, their dimensions and whether weights are here"
+    )
+    p.add_argument("--json", action="store_true", help="print every field of every preset as JSON")
 
     add("config", cmd_config, "print the resolved config (defaults + file + overrides)")
     return parser

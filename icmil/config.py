@@ -89,7 +89,9 @@ class EncoderConfig(_Section):
     weights: str | None = Field(
         None, description="local .safetensors/.pth/.bin file, or a folder holding the preset's official file"
     )
-    sha256: str | None = Field(None, description="expected SHA-256 (hex) of the weights file, checked at load")
+    sha256: str | None = Field(
+        None, description="expected SHA-256 (hex) of the weights file, checked at load"
+    )
     pretrained: bool = Field(
         False, description="the official weights, from the local Hugging Face hub cache (offline)"
     )
@@ -114,7 +116,9 @@ class EncoderConfig(_Section):
             return v
         v = v.strip().lower()
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-            raise ValueError("encoder.sha256 must be 64 hexadecimal characters (the output of `sha256sum FILE`)")
+            raise ValueError(
+                "encoder.sha256 must be 64 hexadecimal characters (the output of `sha256sum FILE`)"
+            )
         return v
 
 

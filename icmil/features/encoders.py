@@ -148,7 +148,9 @@ class PatchEncoder(nn.Module):
         x = self.normalize(x)
         size = self.input_size
         if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
-            x = F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=True
+            )
         return cast(torch.Tensor, self.backbone(x))
 
     def config(self) -> dict[str, Any]:
@@ -264,7 +266,9 @@ def timm_kwargs(preset: EncoderPreset) -> dict[str, Any]:
     for key in ("mlp_layer", "act_layer"):
         if isinstance(out.get(key), str):
             if out[key] not in classes:
-                raise ConfigError(f"preset {preset.name!r}: unknown {key} {out[key]!r} (known: {sorted(classes)})")
+                raise ConfigError(
+                    f"preset {preset.name!r}: unknown {key} {out[key]!r} (known: {sorted(classes)})"
+                )
             out[key] = classes[out[key]]
     return out
 
@@ -491,10 +495,15 @@ def load_encoder(directory: str | os.PathLike[str]) -> PatchEncoder:
         settings["input_size"] = meta["input_size"]
     encoder = _build(EncoderConfig.model_validate(settings), on_meta=True)
     state = read_state_file(weights_path, what="saved encoder weights")
-    try:
-        encoder.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise ConfigError(f"{weights_path} does not match encoder {meta['name']!r}: {err}") from None
+    own = encoder.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or bad:
+        raise ConfigError(
+            f"{weights_path} does not match encoder {meta['name']!r} ({cfg_path}): {len(missing)} missing, "
+            f"{len(extra)} unexpected and {len(bad)} mis-shaped tensor(s), e.g. {(missing + extra + bad)[:3]}"
+        )
+    encoder.load_state_dict(state, strict=True, assign=True)
     if meta.get("out_dim") not in (None, encoder.out_dim):
         raise ConfigError(f"{cfg_path}: out_dim {meta['out_dim']} but the model gives {encoder.out_dim}")
     encoder.weights_source = meta.get("weights")

@@ -150,7 +150,13 @@ def list_presets() -> list[EncoderPreset]:
 # Sources: each model's Hugging Face card and config.json, and the timm keyword arguments under which their
 # official checkpoints load with strict=True. Parameter counts as printed on the cards / in the papers.
 
-_VIT_L16 = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True}
+_VIT_L16 = {
+    "img_size": 224,
+    "patch_size": 16,
+    "init_values": 1e-5,
+    "num_classes": 0,
+    "dynamic_img_size": True,
+}
 
 register_preset(
     EncoderPreset(

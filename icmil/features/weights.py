@@ -188,13 +188,16 @@ _HF_RENAMES = (
     ("layernorm.", "norm."),
 )
 _HF_LAYER_RENAMES = (
-    ("attention.output.dense.", "attn.proj."),
+    ("attention.output.dense.", "attn.proj."),  # transformers 4 (the files on the hub)
+    ("attention.o_proj.", "attn.proj."),  # transformers 5
     ("layer_scale1.lambda1", "ls1.gamma"),
     ("layer_scale2.lambda1", "ls2.gamma"),
     ("mlp.weights_in.", "mlp.fc1."),
     ("mlp.weights_out.", "mlp.fc2."),
 )
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+# attention.attention.query.weight (transformers 4) or attention.q_proj.weight (transformers 5)
+_HF_QKV = re.compile(r"^attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
 
 
 def _dinov2_hf_to_timm(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -209,8 +212,10 @@ def _dinov2_hf_to_timm(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
             out[new] = value
             continue
         i, rest = int(m.group(1)), m.group(2)
-        if rest.startswith("attention.attention."):
-            qkv.setdefault(i, {})[rest.removeprefix("attention.attention.")] = value
+        qkv_part = _HF_QKV.match(rest)
+        if qkv_part is not None:
+            name = qkv_part.group(1) or {"q": "query", "k": "key", "v": "value"}[qkv_part.group(2)]
+            qkv.setdefault(i, {})[f"{name}.{qkv_part.group(3)}"] = value
             continue
         new_rest = next((rest.replace(a, b, 1) for a, b in _HF_LAYER_RENAMES if rest.startswith(a)), rest)
         out[f"blocks.{i}.{new_rest}"] = value
@@ -248,7 +253,9 @@ def resample_position_embeddings(
         mapped[key] = resample_abs_pos_embed(
             value.float(), new_size=[side, side], old_size=[old_side, old_side], num_prefix_tokens=n_prefix
         ).to(value.dtype)
-        log.info("position embeddings %s resampled from a %dx%d to a %dx%d grid", key, *[old_side] * 2, side, side)
+        log.info(
+            "position embeddings %s resampled from a %dx%d to a %dx%d grid", key, *[old_side] * 2, side, side
+        )
 
 
 def _find_vit(model: torch.nn.Module | None) -> torch.nn.Module | None:

@@ -72,7 +72,7 @@ def test_resnet50_trunc_is_layer3_plus_pooling() -> None:
 def test_any_timm_model_and_unknown_name() -> None:
     enc = _enc("resnet18")
     assert enc.out_dim == 512
-    with pytest.raises(ConfigError, match="neither a preset.*a registered encoder.*nor a timm model"):
+    with pytest.raises(ConfigError, match=r"neither a preset.*a registered encoder.*nor a timm model"):
         create_encoder(EncoderConfig(name="no_such_model_xyz"), quiet_random=True)
 
 
