@@ -140,6 +140,7 @@ def cmd_couple(args: argparse.Namespace) -> int:
     cfg = _config(args, extra)
     summary = run_coupling(cfg)
     print(summary.to_string(index=False))
+    _print_report(cfg.run_dir)
     return 0
 
 
@@ -148,7 +149,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     extra = [f"run_dir={args.out}"] if args.out else []
     cfg = load_config(args.config_file, [*extra, *args.overrides])
-    run_local(cfg)
+    summary = run_local(cfg)
+    _print_report(summary.run_dir)
+    return 0
+
+
+def _print_report(run_dir: Any) -> None:
+    from icmil.report import write_run_report
+
+    print(f"report: {write_run_report(run_dir)}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from icmil.report import write_run_report
+
+    path = write_run_report(args.run_dir, max_viewer_slides=args.slides)
+    print(f"report: {path}")
     return 0
 
 
@@ -326,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folder (overrides run_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="(re)write RUN/report.html from a run folder (offline, self-contained)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--slides", type=int, default=4, help="slides in the zoomable viewer (default 4)")
+    p.set_defaults(func=cmd_report)
 
     p = add("compile", cmd_compile, "compile the pipeline to a Kubeflow YAML")
     p.add_argument("--out", type=Path, default=Path("icmil_pipeline.yaml"))
