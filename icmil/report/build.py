@@ -21,7 +21,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -550,6 +550,20 @@ Everything on this page is in this folder; nothing is loaded from the network.</
 """
 
 
+def _unavailable(what: str) -> str:
+    return f'<p class="muted">{_e(what)}: nothing to show (see the log).</p>'
+
+
+def _safe(what: str, build: Callable[[], str]) -> str:
+    """One section's HTML; a section that fails is reported in the page and the log, never the whole report
+    (the run it describes has finished: a broken picture must not turn it into a failure)."""
+    try:
+        return build()
+    except Exception as err:
+        log.warning("report: %s left out: %s: %s", what, type(err).__name__, err)
+        return f'<p class="muted">{_e(what)} not available: {_e(type(err).__name__)}: {_e(err)}</p>'
+
+
 def write_run_report(
     run_dir: str | os.PathLike[str], *, max_viewer_slides: int = 4, pyramid_max_dim: int = 4096
 ) -> Path:
@@ -565,16 +579,28 @@ def write_run_report(
     staging.mkdir(parents=True)
     try:
         assets = _Assets(staging)
-        gallery, viewer_slides = _gallery_and_viewer(contents, assets, max_viewer_slides, pyramid_max_dim)
+        try:
+            gallery, viewer_slides = _gallery_and_viewer(contents, assets, max_viewer_slides, pyramid_max_dim)
+        except Exception as err:
+            log.warning("report: heatmaps left out: %s: %s", type(err).__name__, err)
+            gallery, viewer_slides = "", []
         # Table and viewer first: the two things people open the report for fit on one screen.
         sections = [
-            ("decision", "Promotion decision", _decision_section(contents.registration)),
-            ("rounds", "Metrics by round", _rounds_table(contents.rounds)),
+            (
+                "decision",
+                "Promotion decision",
+                _safe("decision", lambda: _decision_section(contents.registration)),
+            ),
+            ("rounds", "Metrics by round", _safe("table", lambda: _rounds_table(contents.rounds))),
             ("viewer", "Zoomable slide and heatmap", _viewer_section(viewer_slides)),
-            ("gallery", "Heatmap gallery", gallery),
-            ("curves", "Metrics by round (plot)", _metrics_plot(contents.rounds, assets) or "<p>–</p>"),
-            ("roc", "ROC curves", _roc_section(contents, assets)),
-            ("tuning", "Tuning", _tuning_section(contents, assets)),
+            ("gallery", "Heatmap gallery", gallery or _unavailable("heatmaps")),
+            (
+                "curves",
+                "Metrics by round (plot)",
+                _safe("plot", lambda: _metrics_plot(contents.rounds, assets) or _unavailable("plot")),
+            ),
+            ("roc", "ROC curves", _safe("ROC curves", lambda: _roc_section(contents, assets))),
+            ("tuning", "Tuning", _safe("tuning", lambda: _tuning_section(contents, assets))),
         ]
         if viewer_slides:
             shutil.copytree(VENDOR, staging / "openseadragon")
