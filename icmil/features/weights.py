@@ -386,6 +386,17 @@ def resolve_weights(cfg: EncoderConfig, hub: HubSource | None) -> WeightsSource 
     found = find_in_hub_cache(hub.repo, hub.files, cache)
     if found is not None:
         return WeightsSource(found, "hub-cache", hub.repo)
+    if cfg.allow_download and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    ):
+        raise ConfigError(
+            f"weights for encoder {cfg.name!r} are not in the hub cache {cache}, and encoder.allow_download=true "
+            "cannot fetch them: HF_HUB_OFFLINE is set, which forces the hub offline. Unset it, or put "
+            f"{hub.repo} ({hub.files[0]}) into the cache"
+        )
     if cfg.allow_download:
         log.info("downloading %s (%s) into %s (encoder.allow_download=true)", hub.repo, hub.files[0], cache)
         return WeightsSource(download_to_hub_cache(hub.repo, hub.files, cache), "download", hub.repo)

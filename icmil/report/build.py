@@ -574,8 +574,9 @@ def write_run_report(
     """
     contents = collect_run(run_dir)
     run = contents.run_dir
+    for leftover in [*run.glob(f".{ASSETS}.tmp-*"), *run.glob(f".{ASSETS}.old-*")]:  # from a killed writer
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = run / f".{ASSETS}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         assets = _Assets(staging)

@@ -17,7 +17,7 @@ import torch
 from icmil.config import EncoderConfig, load_config
 from icmil.errors import ConfigError
 from icmil.features import create_encoder, load_encoder, save_encoder
-from icmil.features.encoders import PatchEncoder, build_preset_backbone
+from icmil.features.encoders import PatchEncoder, build_preset_backbone, timm_kwargs
 from icmil.features.presets import EncoderPreset, get_preset, list_presets, register_preset
 
 PRESETS = {p.name: p for p in list_presets()}
@@ -291,6 +291,15 @@ def test_missing_weights_never_download_unless_allowed(
     )
     assert calls == [("MahmoodLab/UNI", "pytorch_model.bin")] and enc.digest() == src.digest()
     assert enc.weights_source is not None and enc.weights_source["origin"] == "download"
+    # HF_HUB_OFFLINE (the hub's own switch) wins over the config: nothing is fetched.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        create_encoder(
+            EncoderConfig(
+                name="uni_d1", pretrained=True, hub_cache=str(tmp_path / "other"), allow_download=True
+            )
+        )
+    assert len(calls) == 1
 
 
 def test_normalisation_and_resize_reach_the_digest() -> None:
@@ -372,3 +381,20 @@ def test_icmil_encoders_lists_presets_and_local_weights(
     assert (
         rows["h_optimus_1"]["mean"] == [0.707223, 0.578729, 0.703617] and rows["phikon_v2"]["out_dim"] == 1024
     )
+
+
+def test_position_embeddings_of_another_grid_are_resampled(
+    tmp_path: Path, shallow: Callable[[str], EncoderPreset]
+) -> None:
+    """A checkpoint saved at another image size (e.g. timm at 256 px) loads: its grid is resampled."""
+    import timm
+
+    preset = shallow("uni")
+    kwargs = timm_kwargs(preset) | {"img_size": 256}
+    model = timm.create_model(preset.architecture, pretrained=False, **kwargs)
+    state = model.state_dict()
+    assert state["pos_embed"].shape == (1, 257, 1024)  # 16 x 16 + class token
+    path = _save(state, tmp_path / "pytorch_model.bin")
+    enc = create_encoder(EncoderConfig(name=preset.name, weights=str(path)))
+    assert enc.state_dict()["backbone.model.pos_embed"].shape == (1, 197, 1024)
+    torch.testing.assert_close(enc.state_dict()["backbone.model.cls_token"], state["cls_token"])
