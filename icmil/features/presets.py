@@ -174,7 +174,6 @@ register_preset(
         licence="Apache-2.0 (timm ImageNet weights); not gated",
         gated=False,
         params_m=8.54,
-        aliases=("resnet50",),
         notes="full torchvision/timm ResNet-50 checkpoints load (layer4 and fc are ignored); any patch size",
         checkpoint_keys={"conv1.weight": (64, 3, 7, 7), "layer3.5.bn3.running_var": (1024,)},
     )

@@ -398,3 +398,12 @@ def test_position_embeddings_of_another_grid_are_resampled(
     enc = create_encoder(EncoderConfig(name=preset.name, weights=str(path)))
     assert enc.state_dict()["backbone.model.pos_embed"].shape == (1, 197, 1024)
     torch.testing.assert_close(enc.state_dict()["backbone.model.cls_token"], state["cls_token"])
+
+
+def test_timm_names_are_not_shadowed_by_presets() -> None:
+    """`resnet50` stays timm's full ResNet-50 (2048-d), as before presets; only the preset names are taken."""
+    assert get_preset("resnet50") is None
+    import timm
+
+    taken = {p.name for p in list_presets()} | {a for p in list_presets() for a in p.aliases}
+    assert not [n for n in taken if n != "resnet50_trunc" and timm.is_model(n)]
