@@ -139,6 +139,8 @@ def _torch_load(p: Path, what: str) -> Any:
     # Zip archives (every torch.save since PyTorch 1.6) can be memory-mapped: a 4 GB checkpoint then costs
     # no second copy in RAM. Older files are read the plain way; both only ever with weights_only=True.
     is_zip = zipfile.is_zipfile(p)
+    with p.open("rb") as fh:
+        looks_zip = fh.read(4) == b"PK\x03\x04"  # a zip's start, even when its end (the index) is missing
     try:
         return torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as err:
@@ -150,7 +152,7 @@ def _torch_load(p: Path, what: str) -> Any:
                 "unpickled here, because unpickling runs code from the file. Export the weights alone "
                 "(torch.save(model.state_dict(), ...)) or convert them to .safetensors"
             )
-        elif is_zip:
+        elif is_zip or looks_zip:
             cause = "the archive is damaged or incomplete (truncated download?). Download it again"
         else:
             cause = (

@@ -203,6 +203,10 @@ def test_corrupt_weights_file_is_one_config_error(tmp_path: Path, suffix: str, d
         create_encoder(EncoderConfig(name="tiny_cnn", weights=str(bad)))
     message = str(err.value)
     assert str(bad) in message and "\n" not in message
+    if suffix == ".safetensors":
+        assert "not a readable .safetensors file" in message
+    elif damage == "truncated":
+        assert "damaged or incomplete" in message
     assert "weights_only=False" not in message and "weights_only` set to `False" not in message
 
 
