@@ -140,6 +140,7 @@ def cmd_couple(args: argparse.Namespace) -> int:
     cfg = _config(args, extra)
     summary = run_coupling(cfg)
     print(summary.to_string(index=False))
+    _print_report(cfg.run_dir)
     return 0
 
 
@@ -148,7 +149,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     extra = [f"run_dir={args.out}"] if args.out else []
     cfg = load_config(args.config_file, [*extra, *args.overrides])
-    run_local(cfg)
+    summary = run_local(cfg)
+    _print_report(summary.run_dir)
+    return 0
+
+
+def _print_report(run_dir: Any) -> None:
+    from icmil.report import write_run_report
+
+    print(f"report: {write_run_report(run_dir)}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from icmil.report import write_run_report
+
+    path = write_run_report(args.run_dir, max_viewer_slides=args.slides)
+    print(f"report: {path}")
     return 0
 
 
@@ -254,6 +270,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from icmil.features.catalog import encoder_catalog, format_catalog
+
+    rows = encoder_catalog(_config(args).encoder)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_catalog(rows))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from icmil.config import config_to_yaml
 
@@ -316,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("report", help="(re)write RUN/report.html from a run folder (offline, self-contained)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--slides", type=int, default=4, help="slides in the zoomable viewer (default 4)")
+    p.set_defaults(func=cmd_report)
+
     p = add("compile", cmd_compile, "compile the pipeline to a Kubeflow YAML")
     p.add_argument("--out", type=Path, default=Path("icmil_pipeline.yaml"))
 
@@ -359,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slides", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("predictions"))
     p.add_argument("--tracking-uri", default=None)
+
+    p = add(
+        "encoders", cmd_encoders, "list the encoder presets, their dimensions and whether weights are here"
+    )
+    p.add_argument("--json", action="store_true", help="print every field of every preset as JSON")
 
     add("config", cmd_config, "print the resolved config (defaults + file + overrides)")
     return parser

@@ -81,13 +81,45 @@ class TilingConfig(_Section):
 
 
 class EncoderConfig(_Section):
-    """Patch embedder: a registered name (``resnet50_trunc``, ``tiny_cnn``) or any timm model name."""
+    """Patch embedder: a preset (``icmil encoders`` lists them: ``resnet50_trunc``, ``uni``, ``uni2_h``,
+    ``virchow2``, ``h_optimus_0``, ``h_optimus_1``, ``prov_gigapath``, ``phikon_v2``), a registered name
+    (``tiny_cnn``) or any timm model name. Weights never come from the network unless ``allow_download``."""
 
     name: str = "resnet50_trunc"
-    weights: str | None = Field(None, description="local .safetensors/.pth file; never downloaded")
-    pretrained: bool = Field(False, description="timm hub weights (needs internet)")
-    normalization: Literal["imagenet", "none"] = "imagenet"
+    weights: str | None = Field(
+        None, description="local .safetensors/.pth/.bin file, or a folder holding the preset's official file"
+    )
+    sha256: str | None = Field(
+        None, description="expected SHA-256 (hex) of the weights file, checked at load"
+    )
+    pretrained: bool = Field(
+        False, description="the official weights, from the local Hugging Face hub cache (offline)"
+    )
+    hub_cache: str | None = Field(
+        None, description="hub cache folder; None: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub"
+    )
+    allow_download: bool = Field(
+        False, description="let pretrained=true download missing weights from the hub (internet, HF_TOKEN)"
+    )
+    normalization: str = Field(
+        "auto", description="auto = the preset's own (ImageNet otherwise); imagenet, hoptimus or none"
+    )
+    input_size: int | None = Field(
+        None, ge=16, description="resize patches to this edge inside the encoder; None = the preset's own"
+    )
     seed: int = Field(0, description="seed of the random init (no weights): same seed -> same encoder digest")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().lower()
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError(
+                "encoder.sha256 must be 64 hexadecimal characters (the output of `sha256sum FILE`)"
+            )
+        return v
 
 
 class EmbedConfig(_Section):

@@ -282,7 +282,7 @@ def encoder_stage(
         run.log_params(
             {
                 "encoder": encoder.name,
-                "normalization": cfg.encoder.normalization,
+                "normalization": encoder.normalization,
                 "encoder_digest": result["encoder_digest"],
             }
         )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: lint (ruff), format check, type check (mypy on icmil/), then the test suite.
 # Tests start their own servers (PostgreSQL, S3, MLflow) on 127.0.0.1; this installs PostgreSQL's server
-# binaries from Debian when they are missing and we are root. Extra args go to pytest.
+# binaries and Chromium (for the report's browser test) from Debian when they are missing and we are root.
+# Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
@@ -15,6 +16,18 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   else
     echo "[test] PostgreSQL server binaries (initdb, pg_ctl) are needed: install the 'postgresql' package" >&2
     exit 2
+  fi
+fi
+
+# The report test opens RUN/report.html in a real headless browser (Debian's chromium); without it that test
+# is skipped with the reason. As root with apt-get, install it here so CI runs it.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing chromium for the report's browser test (apt-get)" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[test] chromium not found and not root: the report's browser test will be skipped" >&2
   fi
 fi
 

@@ -12,7 +12,8 @@ def test_defaults_follow_method_md() -> None:
     cfg = ICMILConfig()
     assert cfg.tiling.patch_size == 256 and cfg.tiling.target_mpp == 0.5
     assert cfg.tiling.min_tissue_fraction == 0.8
-    assert cfg.encoder.name == "resnet50_trunc" and cfg.encoder.normalization == "imagenet"
+    # "auto": the preset's own normalisation, which for resnet50_trunc is ImageNet's.
+    assert cfg.encoder.name == "resnet50_trunc" and cfg.encoder.normalization == "auto"
     assert cfg.mil.weight_decay == 1e-4 and cfg.mil.grad_clip == 5.0 and cfg.mil.epochs == 200
     assert cfg.coupling.lr == 1e-5 and cfg.coupling.batch_size == 100
     assert (cfg.coupling.loss_weight_wide1, cfg.coupling.loss_weight_wide2) == (0.5, 0.5)

@@ -117,3 +117,21 @@ def test_exit_handler_bookkeeping_marks_a_failed_run_failed(local_run: RunSummar
         run.data.tags["icmil.kfp_error"] == "Task tile failed."
         and run.data.tags["icmil.kfp_final_state"] == "FAILED"
     )
+
+
+@pytest.mark.slow
+def test_report_of_the_pipeline_run(local_run: RunSummary) -> None:
+    """RUN/report.html from the pipeline's layout (RUN/kfp/<run>/<task>/...): both rounds, the gate's decision,
+    the final round's heatmaps in the zoomable viewer."""
+    import re
+
+    from icmil.report import collect_run, write_run_report
+
+    contents = collect_run(local_run.run_dir)
+    assert sorted(contents.heads) == [0, 1] and len(contents.features[1]) == 2 and contents.manifest
+    page = write_run_report(local_run.run_dir).read_text(encoding="utf-8")
+    assert "Promoted: version 1 of" in page
+    assert '<tr data-round="0">' in page and re.search(r'<tr( class="kept")? data-round="1">', page)
+    slides = re.search(r'id="slides-data" type="application/json">(.*?)</script>', page, re.S)
+    assert slides and json.loads(slides.group(1))
+    assert (local_run.run_dir / "report_files" / "openseadragon" / "openseadragon.min.js").is_file()
