@@ -947,13 +947,9 @@ def run_predictions(
     with open_slide_classifier(model_uri, tracking_uri, registry_uri, retry) as model:
         write_run_metadata(
             out,
-            {
-                "model": model_uri,
-                "slides": table["path"].tolist(),
-                "heatmap_scale": heatmap_scale,
-                **(arguments or {}),
-            },
+            dict(arguments or {"model": model_uri, "heatmap_scale": heatmap_scale}),
             model._model_record(),
+            slides=table["path"].tolist(),
         )
         result = model.classify(table, out.resolve(), heatmaps=heatmaps, heatmap_scale=heatmap_scale)
         limit = float(model.tiling.max_failed_fraction)
