@@ -328,7 +328,7 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
             place(registered.set_display_name("register"), cfg, "register")
 
             with dsl.If(registered.outputs["Output"] == True, name="challenger-wins"):  # noqa: E712
-                promoted = promote(config_yaml=full)
+                promoted = promote(config_yaml=full, parent_run_id=parent)
                 place(promoted.set_display_name("promote"), cfg, "promote")
 
             reported = report(

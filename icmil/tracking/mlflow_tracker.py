@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from icmil.errors import TrackingError
 from icmil.io import write_text_atomic
 from icmil.log import get_logger
+from icmil.redact import redact_text
 from icmil.tracking.base import NullTracker, StageRun, StageTracker
 from icmil.tracking.retry import RetryPolicy, configure_mlflow_http, is_transient
 from icmil.tracking.uris import config_params, default_artifact_location, redact_uri, resolve_tracking_uri
@@ -193,7 +194,7 @@ class MlflowStageRun:
         self._submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._submit({"op": "tags", "tags": {safe_key(k): str(v) for k, v in tags.items()}})
+        self._submit({"op": "tags", "tags": {safe_key(k): redact_text(str(v)) for k, v in tags.items()}})
 
     # internals ----------------------------------------------------------------------
     @property
@@ -535,6 +536,7 @@ def start_parent_run(
     commit = git_commit()
     if commit and TAG_GIT_COMMIT not in all_tags:
         all_tags[TAG_GIT_COMMIT] = commit
+    all_tags = {k: redact_text(str(v)) for k, v in all_tags.items()}  # e.g. a KFP error text quoting a URI
 
     exp_id = policy.call(
         lambda: get_or_create_experiment(client, cfg.tracking.experiment, tracking_uri),
@@ -562,6 +564,8 @@ def start_parent_run(
         )
         run_id = str(created.info.run_id)
         log.info("parent run %s in experiment %r at %s", run_id, cfg.tracking.experiment, where)
+        if where.startswith(("http://", "https://")):  # MLflow's own "View run" line is off (it shows secrets)
+            log.info("view the run at %s/#/experiments/%s/runs/%s", where.rstrip("/"), exp_id, run_id)
     params = [Param(k, v) for k, v in config_params(cfg).items()]
     policy.call(lambda: _log_batch(client, run_id, params=params), f"log config params at {where}")
     policy.call(
