@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -148,7 +149,7 @@ def describe_budget(cfg: TrackingConfig) -> str:
     waits = f" ({', '.join(f'{d:g} s' for d in delays)} apart)" if delays else ""
     return (
         f"each request times out after {cfg.request_timeout} s, {cfg.retries} retr{'y' if cfg.retries == 1 else 'ies'}"
-        f"{waits}: an outage is reported within {outage_budget_seconds(cfg):.0f} s "
+        f"{waits}: an outage is reported within {math.ceil(outage_budget_seconds(cfg))} s "
         "(tracking.request_timeout, tracking.retries)"
     )
 
