@@ -1,8 +1,11 @@
 """The ``icmil`` command: one subcommand per stage, each a thin wrapper over the library function of that stage.
 
 Every subcommand takes ``--config FILE`` and repeated ``--set a.b=value`` overrides; the resolved config is written
-next to the output. Errors the project raises on purpose (``ICMILError``) print one clear message and exit 2
-(``PromotionRejected`` exits 3 so schedulers can tell "kept the champion" from a crash).
+next to the output (credentials redacted). Errors the project raises on purpose (``ICMILError``) print one clear
+message and exit 2 (``PromotionRejected`` exits 3 so schedulers can tell "kept the champion" from a crash); every
+message, and the traceback of an unexpected crash (exit 1), passes :func:`icmil.redact.redact_text`.
+``icmil predict`` prints the table of what succeeded and what failed, then exits 0 when the failures stay within
+``--max-failed-fraction`` and 2 otherwise.
 
 Example:
     $ icmil synth runs/slides --slides 8 --seed 0

@@ -564,7 +564,9 @@ def start_parent_run(
         )
         run_id = str(created.info.run_id)
         log.info("parent run %s in experiment %r at %s", run_id, cfg.tracking.experiment, where)
-        if where.startswith(("http://", "https://")):  # MLflow's own "View run" line is off (it shows secrets)
+        if where.startswith(
+            ("http://", "https://")
+        ):  # MLflow's own "View run" line is off (it shows secrets)
             log.info("view the run at %s/#/experiments/%s/runs/%s", where.rstrip("/"), exp_id, run_id)
     params = [Param(k, v) for k, v in config_params(cfg).items()]
     policy.call(lambda: _log_batch(client, run_id, params=params), f"log config params at {where}")
