@@ -302,3 +302,23 @@ def test_features_from_another_encoder_are_refused(tiny_model_parts: dict[str, P
     with open_slide_classifier(str(out)) as model:
         table = model.classify(as_slide_table([str(feats)]), tmp_path / "o", heatmaps=False)
     assert "not this model's coupled encoder" in table.iloc[0]["error"]
+
+
+def test_the_pyfunc_flavour_still_serves(tiny_model_parts: dict[str, Path], tmp_path: Path) -> None:
+    """`mlflow models serve` loads the same folder as a pyfunc (that path runs the stored code, by design)."""
+    import mlflow.pyfunc
+
+    p = tiny_model_parts
+    tiling = TilingConfig(patch_size=64, min_tissue_fraction=0.5)
+    out = save_slide_classifier(p["encoder"], p["head0"], tiling, None, tmp_path / "model")
+    with open_slide_classifier(str(out)) as model:
+        feats = model.classify(as_slide_table([str(p["slide"])]), tmp_path / "direct", heatmaps=False)
+    served = mlflow.pyfunc.load_model(str(out))
+    table = pd.DataFrame(
+        served.predict(
+            pd.DataFrame({"path": [str(p["slide"])]}), params={"out_dir": str(tmp_path / "served")}
+        )
+    )
+    assert list(table.columns) == list(feats.columns) and table.iloc[0]["status"] == "ok"
+    assert table.iloc[0]["prob_tumor"] == pytest.approx(feats.iloc[0]["prob_tumor"], rel=1e-5)
+    assert (tmp_path / "served" / "slides" / "slide_a" / "slide_a.geojson").is_file()
