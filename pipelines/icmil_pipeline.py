@@ -87,7 +87,7 @@ def check_no_secrets(cfg: ICMILConfig) -> None:
     >>> check_no_secrets(load_config(None, ["tuning.storage=postgresql://optuna:pw@db/optuna"]))
     Traceback (most recent call last):
     ...
-    icmil.errors.ConfigError: tuning.storage holds a credential (postgresql://***@db/optuna); ...
+    icmil.errors.ConfigError: tuning.storage holds a credential ('postgresql://***@db/optuna'); ...
     """
     from icmil.redact import redact_text, redact_uri
 
@@ -95,7 +95,7 @@ def check_no_secrets(cfg: ICMILConfig) -> None:
         if _USERINFO_PASSWORD.match(value) or _SECRET_QUERY.search(value):
             # The message shows the value as every log shows it: redacted (it is printed and may be logged).
             raise ConfigError(
-                f"{field} holds a credential ({redact_text(redact_uri(value))}); "
+                f"{field} holds a credential ({redact_text(redact_uri(value))!r}); "
                 "a compiled pipeline must not contain secrets. Leave the value out of the config and provide it "
                 "through the environment from a Kubernetes Secret (MLFLOW_TRACKING_URI in "
                 f"pipeline.mlflow_secret={cfg.pipeline.mlflow_secret!r}, ICMIL_OPTUNA_STORAGE for tuning storage)."

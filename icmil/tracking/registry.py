@@ -104,8 +104,11 @@ class PromotionResult:
     target_version: str | None = None  # the version now holding `champion` (differs across registries)
     reevaluated: bool = False
     dry_run: bool = False  # True: the decision only; no alias or tag was changed
+    already_champion: bool = False
 
     def __str__(self) -> str:
+        if self.already_champion:
+            return f"ALREADY CHAMPION {self.name} v{self.challenger_version}: {self.reason}"
         if self.dry_run:
             verdict = "WOULD PROMOTE" if self.promoted else "WOULD NOT PROMOTE"
             return f"{verdict} {self.name} v{self.challenger_version}: {self.reason} (dry run: nothing was changed)"
@@ -476,6 +479,7 @@ class _Gate:
         )
         if same:
             self.result.promoted = True
+            self.result.already_champion = True
             self.result.reason = "the challenger already is the champion; nothing to do"
             self.result.target_version = str(champ.version)
         return same

@@ -943,8 +943,8 @@ def run_predictions(
 
     table = as_slide_table(slides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with open_slide_classifier(model_uri, tracking_uri, registry_uri, retry) as model:
+        out.mkdir(parents=True, exist_ok=True)  # only once the model is there: a failed load writes nothing
         write_run_metadata(
             out,
             dict(arguments or {"model": model_uri, "heatmap_scale": heatmap_scale}),

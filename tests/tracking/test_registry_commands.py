@@ -118,6 +118,7 @@ def test_a_hung_server_is_bounded_by_request_timeout_and_retries(
     assert took < 2 * 1 + 0.5 + 5, took  # two 1-s attempts and one 0.5-s wait (plus start-up slack)
     err = capsys.readouterr().err
     assert "reported within 3 s" in caplog.records[0].getMessage() and "timed out" in err.lower()
+    assert not (tmp_path / "o").exists()  # a failed load writes nothing
 
 
 def test_read_only_commands_never_create_a_registry(
