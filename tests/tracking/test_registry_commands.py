@@ -155,7 +155,7 @@ def test_dry_run_says_would_promote(tmp_path: Path, capsys: pytest.CaptureFixtur
     mv = client.create_model_version("m", source=str(tmp_path), tags={metric_tag("test", "auc"): "0.9"})
     client.set_registered_model_alias("m", "challenger", mv.version)
     assert main(["promote", "--model", "m", "--tracking-uri", uri, "--dry-run"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.strip()
     assert out.startswith("WOULD PROMOTE m v1:") and "dry run: nothing was changed" in out
     assert "PROMOTED" not in out.replace("WOULD PROMOTE", "")
     assert not client.get_registered_model("m").aliases.get("champion")
@@ -174,6 +174,6 @@ def test_dry_run_says_would_promote(tmp_path: Path, capsys: pytest.CaptureFixtur
         )
         == 0
     )
-    assert capsys.readouterr().out.startswith("WOULD NOT PROMOTE m v1:")
+    assert capsys.readouterr().out.strip().startswith("WOULD NOT PROMOTE m v1:")
     assert main(["promote", "--model", "m", "--tracking-uri", uri]) == 0
-    assert capsys.readouterr().out.startswith("PROMOTED m v1:")
+    assert capsys.readouterr().out.strip().startswith("PROMOTED m v1:")

@@ -322,3 +322,33 @@ def test_the_pyfunc_flavour_still_serves(tiny_model_parts: dict[str, Path], tmp_
     assert list(table.columns) == list(feats.columns) and table.iloc[0]["status"] == "ok"
     assert table.iloc[0]["prob_tumor"] == pytest.approx(feats.iloc[0]["prob_tumor"], rel=1e-5)
     assert (tmp_path / "served" / "slides" / "slide_a" / "slide_a.geojson").is_file()
+
+
+@pytest.mark.servers
+def test_predict_slides_from_s3_uris_and_globs(
+    registered: dict[str, object],
+    s3_server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    s3_server.apply_env(monkeypatch)
+    bucket = s3_server.ensure_bucket("icmil-predict")
+    data = Path(str(registered["slide"])).read_bytes()
+    for key in ("new/a.tiff", "new/b.tiff", "other/c.tiff"):
+        s3_server.client().put_object(Bucket=bucket, Key=key, Body=data)
+    table = predict_slides(
+        "models:/slides@champion",
+        [f"s3://{bucket}/new/*.tiff", f"s3://{bucket}/other/c.tiff"],
+        tmp_path / "o",
+        tracking_uri=str(registered["uri"]),
+    )
+    assert list(table["slide_id"]) == ["a", "b", "c"] and set(table["status"]) == {"ok"}
+    assert table.iloc[0]["path"] == f"s3://{bucket}/new/a.tiff"
+    assert (tmp_path / "o" / "slides" / "c" / "c.geojson").is_file()
+    with pytest.raises(ConfigError, match="no slide matches"):
+        predict_slides(
+            "models:/slides@champion",
+            [f"s3://{bucket}/none/*.svs"],
+            tmp_path / "o2",
+            tracking_uri=str(registered["uri"]),
+        )
