@@ -93,7 +93,7 @@ def known_secrets() -> list[str]:
     """Literal secret values to remove from free text: secret-looking environment variables, credentials in
     URIs held by the environment, and :func:`register_secret` values (longest first)."""
     found: set[str] = set()
-    for name, value in os.environ.items():
+    for name, value in _environ_snapshot().items():
         if not value:
             continue
         if SECRET_KEY.search(name) and "://" not in value:
@@ -102,6 +102,17 @@ def known_secrets() -> list[str]:
     with _lock:
         found |= _registered
     return sorted((s for s in found if len(s) >= MIN_LITERAL_LENGTH), key=len, reverse=True)
+
+
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of the environment; other threads (MLflow's telemetry) may change it while it is read, which
+    makes a plain iteration raise: read again."""
+    for _ in range(5):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return {}
 
 
 def redact_uri(value: str) -> str:

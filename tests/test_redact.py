@@ -159,3 +159,28 @@ def test_an_unexpected_crash_prints_a_redacted_traceback(
     assert main(["config"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError" in err and SECRET not in err
+
+
+def test_redaction_survives_another_thread_changing_the_environment() -> None:
+    """MLflow's telemetry thread sets and deletes variables while we redact a log line (it once raised KeyError)."""
+    import os
+    import threading
+
+    from icmil.redact import known_secrets
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["_ICMIL_RACE_TEST"] = "x" * 8
+            os.environ.pop("_ICMIL_RACE_TEST", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2000):
+            known_secrets()
+    finally:
+        stop.set()
+        thread.join()
+        os.environ.pop("_ICMIL_RACE_TEST", None)
