@@ -145,16 +145,25 @@ def tuned_params(best_dir: str | None) -> dict[str, Any] | None:
     return load_best_params(best_dir)
 
 
-def log_to_parent(cfg: ICMILConfig, parent_run_id: str, paths: Sequence[Path]) -> None:
-    """Attach run-level files (the summary) to the MLflow parent run."""
-    tracker = stage_tracker(cfg, parent_run_id)
-    parent = getattr(tracker, "parent", None)
-    if parent is None:
-        return
-    with parent() as run:
-        for path in paths:
-            if Path(path).is_file():
-                run.log_artifact(path)
+def log_summary_to_parent(
+    cfg: ICMILConfig, parent_run_id: str, summary: Mapping[str, Any], paths: Sequence[Path]
+) -> None:
+    """The run summary on the MLflow parent run: per-round metrics, the gate's decision, the summary files."""
+    from icmil.run_summary import log_run_summary
+
+    log_run_summary(stage_tracker(cfg, parent_run_id), summary, paths)
+
+
+def record_promotion(cfg: ICMILConfig, parent_run_id: str, promoted: bool, reason: str) -> None:
+    """The gate's final word (the promote task) on the parent run: ``gate_promoted`` 1/0 and the reason."""
+    with stage_tracker(cfg, parent_run_id).parent() as run:
+        run.log_metrics({"gate_promoted": 1.0 if promoted else 0.0})
+        run.set_tags(
+            {
+                "icmil.gate.final": "promoted" if promoted else "rejected",
+                "icmil.gate.final_reason": reason[:4000],
+            }
+        )
 
 
 def _split_metrics(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -195,6 +204,7 @@ def register_round_model(
         for split in metrics
         if not manifest.split(split).empty
     }
+    threshold = validation_threshold(evaluation_dir, head_dir, manifest.classes)
     with stage_tracker(cfg, parent_run_id).stage("register") as run:
         if not run.run_id:
             raise RuntimeError("registering a model needs MLflow tracking (a parent run id)")
@@ -206,6 +216,7 @@ def register_round_model(
             run_id=run.run_id,
             tracking_uri=tracking_uri,
             embed_cfg=cfg.embed,
+            threshold=threshold,
             retry=retry,
         )
         version = register_fn(
@@ -222,6 +233,22 @@ def register_round_model(
         promote, reason = precheck_promotion(cfg)
         run.set_tags({"icmil.model_version": str(version), "icmil.gate_precheck": reason[:4000]})
     return str(version), promote, reason
+
+
+def validation_threshold(evaluation_dir: str, head_dir: str, classes: Sequence[str]) -> dict[str, Any]:
+    """The decision threshold for the registered model, chosen on the final round's validation predictions
+    (``evaluation/predictions.csv``, else the head's own ``predictions.csv``), with the rule that chose it."""
+    import pandas as pd
+
+    from icmil.predict import choose_threshold, default_threshold
+
+    for folder in (evaluation_dir, head_dir):
+        path = Path(folder) / "predictions.csv"
+        if path.is_file():
+            return choose_threshold(pd.read_csv(path), list(classes))
+    return default_threshold(
+        list(classes), "no validation predictions were found when the model was registered"
+    )
 
 
 def _gate_arguments(cfg: ICMILConfig) -> dict[str, Any]:

@@ -8,13 +8,19 @@ from components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def promote(config_yaml: str) -> NamedTuple("PromoteOutputs", [("promoted", bool), ("reason", str)]):  # type: ignore[valid-type]  # KFP's NamedTuple outputs
+def promote(
+    config_yaml: str,
+    parent_run_id: str,
+) -> NamedTuple("PromoteOutputs", [("promoted", bool), ("reason", str)]):  # type: ignore[valid-type]  # KFP's NamedTuple outputs
     """The gate compares again at promotion time (another run may have promoted meanwhile); a rejection is an
-    outcome, not a failure: the aliases stay as they were and the reason is returned."""
+    outcome, not a failure: the aliases stay as they were and the reason is returned (and recorded on the
+    MLflow parent run as ``gate_promoted`` and the tag ``icmil.gate.final``)."""
     from collections import namedtuple
 
     from components import _runtime as rt
     from icmil.tracking import promote as promote_challenger
 
-    promoted, reason = rt.run_promotion(promote_challenger, rt.stage_config(config_yaml))
+    cfg = rt.stage_config(config_yaml)
+    promoted, reason = rt.run_promotion(promote_challenger, cfg)
+    rt.record_promotion(cfg, parent_run_id, promoted, reason)
     return namedtuple("PromoteOutputs", ["promoted", "reason"])(promoted, reason)  # type: ignore[call-arg,arg-type]

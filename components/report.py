@@ -14,14 +14,17 @@ def report(
     registration: Input[Artifact],
     summary: Output[Artifact],
 ):
-    """Writes ``summary.json`` + ``summary.csv`` and logs them to the MLflow parent run."""
+    """Writes ``summary.json`` + ``summary.csv`` and puts them on the MLflow parent run, with the per-round
+    metrics and the gate's decision as the parent run's own metrics and tags."""
     import json
 
     from components import _runtime as rt
-    from icmil.run_summary import write_run_summary
+    from icmil.run_summary import read_run_summary, write_run_summary
 
     cfg = rt.stage_config(config_yaml)
     path = write_run_summary(
         summary.path, json.loads(history_json or "[]"), registration=rt.read_registration(registration.path)
     )
-    rt.log_to_parent(cfg, parent_run_id, [path, path.with_name("summary.csv")])
+    rt.log_summary_to_parent(
+        cfg, parent_run_id, read_run_summary(path), [path, path.with_name("summary.csv")]
+    )

@@ -1,8 +1,11 @@
 """The ``icmil`` command: one subcommand per stage, each a thin wrapper over the library function of that stage.
 
 Every subcommand takes ``--config FILE`` and repeated ``--set a.b=value`` overrides; the resolved config is written
-next to the output. Errors the project raises on purpose (``ICMILError``) print one clear message and exit 2
-(``PromotionRejected`` exits 3 so schedulers can tell "kept the champion" from a crash).
+next to the output (credentials redacted). Errors the project raises on purpose (``ICMILError``) print one clear
+message and exit 2 (``PromotionRejected`` exits 3 so schedulers can tell "kept the champion" from a crash); every
+message, and the traceback of an unexpected crash (exit 1), passes :func:`icmil.redact.redact_text`.
+``icmil predict`` prints the table of what succeeded and what failed, then exits 0 when the failures stay within
+``--max-failed-fraction`` and 2 otherwise.
 
 Example:
     $ icmil synth runs/slides --slides 8 --seed 0
@@ -39,7 +42,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> ICMILConfig:
-    return load_config(args.config, [*extra, *args.overrides])
+    from icmil.redact import register_secret
+
+    cfg = load_config(args.config, [*extra, *args.overrides])
+    # Credentials given in the config or on the command line are removed from every later output by value too.
+    for value in (cfg.tracking.tracking_uri, cfg.tracking.registry_uri, cfg.tuning.storage, cfg.manifest):
+        register_secret(value)
+    for flag in ("tracking_uri", "target_registry"):
+        register_secret(getattr(args, flag, None))
+    return cfg
 
 
 def _manifest(cfg: ICMILConfig, path: Path) -> Any:
@@ -48,13 +59,26 @@ def _manifest(cfg: ICMILConfig, path: Path) -> Any:
     return read_run_manifest(cfg, path)
 
 
-def _tracking_uris(cfg: ICMILConfig, tracking_uri: str | None) -> tuple[str, str]:
-    """--tracking-uri wins; the registry follows it unless the config names a separate registry."""
-    from icmil.tracking import resolve_registry_uri, resolve_tracking_uri
+def _stores(args: argparse.Namespace, cfg: ICMILConfig, command: str, needs_registry: bool = True) -> Any:
+    """Tracking/registry URIs for a registry command, MLflow's client put on the ``tracking.*`` budget, and a
+    sqlite registry that does not exist refused (a read must never create one)."""
+    from icmil.tracking.retry import configure_mlflow_http, describe_budget
+    from icmil.tracking.uris import redact_uri, require_existing_store, resolve_store_uris
 
-    if tracking_uri:
-        return tracking_uri, cfg.tracking.registry_uri or tracking_uri
-    return resolve_tracking_uri(cfg), resolve_registry_uri(cfg)
+    configure_mlflow_http(cfg.tracking)
+    stores = resolve_store_uris(
+        cfg, getattr(args, "tracking_uri", None), str(args.config) if args.config else None
+    )
+    if needs_registry:
+        require_existing_store(stores.registry_uri, stores.registry_origin, command)
+        log.info(
+            "%s: registry %s (from %s); %s",
+            command,
+            redact_uri(stores.registry_uri),
+            stores.registry_origin.split(" (")[0],
+            describe_budget(cfg.tracking),
+        )
+    return stores
 
 
 def _print_json(obj: Any) -> None:
@@ -235,15 +259,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from icmil.tracking import RetryPolicy, promote
 
     cfg = _config(args)
-    tracking_uri, registry_uri = _tracking_uris(cfg, args.tracking_uri)
+    stores = _stores(args, cfg, "promote")
     result = promote(
         args.model or cfg.tracking.registered_model,
         metric=cfg.tracking.promotion_metric,
         split=cfg.tracking.promotion_split,
         margin=cfg.tracking.promotion_margin,
         floor=cfg.tracking.promotion_floor,
-        tracking_uri=tracking_uri,
-        registry_uri=registry_uri,
+        tracking_uri=stores.tracking_uri,
+        registry_uri=stores.registry_uri,
         target_registry_uri=args.target_registry,
         on_data_mismatch=cfg.tracking.on_data_mismatch,
         retry=RetryPolicy.from_config(cfg.tracking),
@@ -253,20 +277,53 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+PREDICT_TABLE_COLUMNS = ("slide_id", "status", "predicted_label", "n_patches", "error")
+
+
+def format_prediction_table(table: Any, out_dir: Path) -> str:
+    """What ``icmil predict`` prints: one row per slide (succeeded and failed), then where the outputs are."""
+    probs = [c for c in table.columns if str(c).startswith("prob_")]
+    cols = [c for c in PREDICT_TABLE_COLUMNS[:3] if c in table.columns] + probs
+    cols += [c for c in PREDICT_TABLE_COLUMNS[3:] if c in table.columns]
+    shown = table[cols].copy()
+    if "error" in shown:
+        shown["error"] = [e if len(str(e)) <= 120 else str(e)[:117] + "..." for e in shown["error"]]
+    failed = int((table["status"] != "ok").sum()) if "status" in table else 0
+    lines = [
+        shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"),
+        "",
+        f"{len(table) - failed} of {len(table)} slide(s) predicted, {failed} failed",
+        f"outputs: {out_dir}/predictions.csv, {out_dir}/run_metadata.json, "
+        f"{out_dir}/slides/<slide_id>/ (prediction.json, <slide_id>.geojson, heatmap.png)",
+    ]
+    return "\n".join(lines)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from icmil.tracking import predict_slides
+    from icmil.errors import ConfigError, check_failure_fraction
+    from icmil.tracking import RetryPolicy
+    from icmil.tracking.slide_classifier import run_predictions
 
     cfg = _config(args)
-    tracking_uri, registry_uri = _tracking_uris(cfg, args.tracking_uri)
-    table = predict_slides(
+    if not args.slides and not args.manifest:
+        raise ConfigError("nothing to predict: give slide paths, globs, s3:// URIs or --manifest CSV")
+    registry = args.model.startswith(("models:/", "runs:/"))
+    stores = _stores(args, cfg, "predict", needs_registry=registry)
+    table, limit = run_predictions(
         args.model,
-        [str(s) for s in args.slides],
+        [str(s) for s in args.slides] + ([str(args.manifest)] if args.manifest else []),
         args.out,
-        tracking_uri=tracking_uri,
-        registry_uri=registry_uri,
+        tracking_uri=stores.tracking_uri,
+        registry_uri=stores.registry_uri,
+        heatmaps=not args.no_heatmaps,
+        heatmap_scale=args.heatmap_scale,
+        retry=RetryPolicy.from_config(cfg.tracking),
+        arguments={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
     )
-    print(table.to_string(index=False))
-    print(f"predictions and heatmaps: {args.out}")
+    print(format_prediction_table(table, args.out))
+    failures = {str(r.slide_id): str(r.error) for r in table.itertuples() if str(r.error)}
+    limit = limit if args.max_failed_fraction is None else args.max_failed_fraction
+    check_failure_fraction("predict", failures, len(table), limit)  # exit 2 past the limit (table printed)
     return 0
 
 
@@ -284,7 +341,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from icmil.config import config_to_yaml
 
-    print(config_to_yaml(_config(args)), end="")
+    print(config_to_yaml(_config(args)), end="")  # redacted, like every written config
     return 0
 
 
@@ -384,13 +441,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registered model name (default: tracking.registered_model)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--target-registry", default=None, help="promote into another registry (dev -> prod)")
-    p.add_argument("--dry-run", action="store_true", help="report the gate's decision, change nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the gate would decide ('WOULD PROMOTE'); change nothing",
+    )
 
-    p = add("predict", cmd_predict, "predict slides with a registered model, e.g. models:/NAME@champion")
-    p.add_argument("--model", required=True)
-    p.add_argument("slides", nargs="+", type=Path)
+    p = add(
+        "predict",
+        cmd_predict,
+        "predict slides with a registered model, e.g. models:/NAME@champion (exit 0: every slide predicted, or "
+        "failures within max_failed_fraction; exit 2: more failed, or the model could not be loaded; the table "
+        "of what succeeded and what failed is printed either way)",
+    )
+    p.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a folder"
+    )
+    p.add_argument(
+        "slides", nargs="*", help="slide files, globs ('slides/*.svs'), s3:// URIs, .h5 features, .csv"
+    )
+    p.add_argument(
+        "--manifest", type=Path, default=None, help="CSV with a path column (slide_id, mpp optional)"
+    )
     p.add_argument("--out", type=Path, default=Path("predictions"))
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument(
+        "--heatmap-scale",
+        choices=["absolute", "rank"],
+        default="absolute",
+        help="absolute: patch probabilities on a fixed 0-1 scale (default); rank: percentile within the slide",
+    )
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=None,
+        help="exit 2 when more slides fail (default: the model's tiling.max_failed_fraction; 0 = any failure)",
+    )
 
     p = add(
         "encoders", cmd_encoders, "list the encoder presets, their dimensions and whether weights are here"
@@ -403,18 +490,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``icmil`` console script."""
+    from icmil.redact import redact_text
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except PromotionRejected as err:
-        print(f"icmil {args.command}: not promoted: {err}", file=sys.stderr)
+        print(f"icmil {args.command}: not promoted: {redact_text(str(err))}", file=sys.stderr)
         return 3
     except ICMILError as err:
-        print(f"icmil {args.command}: error: {err}", file=sys.stderr)
+        print(f"icmil {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"icmil {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug: the traceback is for us, but it must not carry a credential either
+        import traceback
+
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

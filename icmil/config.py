@@ -292,10 +292,17 @@ class TrackingConfig(_Section):
     # When challenger and champion were scored on different evaluation data their metrics are not comparable:
     # "reevaluate" scores both models on the challenger's evaluation table, "refuse" rejects the promotion.
     on_data_mismatch: Literal["reevaluate", "refuse"] = "reevaluate"
-    retries: int = Field(5, ge=0, description="retries of a failed tracking call (exponential backoff)")
-    retry_backoff: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each retry")
-    retry_backoff_max: float = Field(60.0, ge=0)
-    request_timeout: int = Field(30, ge=1, description="seconds per MLflow HTTP request")
+    # One budget for every call to the tracking server / registry, MLflow's own HTTP client included (its
+    # retries are set to 0, its timeout to request_timeout): an outage is reported after at most
+    # (retries + 1) * request_timeout + the backoff waits = 48 s with these defaults.
+    retries: int = Field(2, ge=0, description="retries of a failed tracking call (exponential backoff)")
+    retry_backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles each retry")
+    retry_backoff_max: float = Field(
+        60.0, ge=0, description="longest wait between retries; an offline stage re-probes this often"
+    )
+    request_timeout: int = Field(
+        15, ge=1, description="seconds per MLflow HTTP request (raise it for multi-GB model uploads)"
+    )
 
 
 class SearchSpace(_Section):
@@ -469,9 +476,22 @@ def load_config(
     return config_from_dict(data, source)
 
 
-def config_to_yaml(cfg: ICMILConfig) -> str:
-    """The resolved config as YAML text (all defaults spelled out)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def config_to_yaml(cfg: ICMILConfig, redact: bool = True) -> str:
+    """The resolved config as YAML text (all defaults spelled out), credentials redacted.
+
+    Every file, log and MLflow artifact gets the redacted text (``user:password@`` and secret query parameters
+    in URIs become ``***``). ``redact=False`` gives the exact text, for passing the config to another process
+    (a compiled pipeline refuses configs that hold credentials, so there the two are the same).
+
+    >>> "hunter2" in config_to_yaml(load_config(None, ["tuning.storage=postgresql://u:hunter2@db/o"]))
+    False
+    """
+    data = cfg.model_dump(mode="json")
+    if redact:
+        from icmil.redact import redact_data
+
+        data = redact_data(data)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def config_from_yaml(text: str) -> ICMILConfig:
@@ -483,5 +503,6 @@ def config_from_yaml(text: str) -> ICMILConfig:
 
 
 def dump_config(cfg: ICMILConfig, directory: str | os.PathLike[str], name: str = "config.yaml") -> Path:
-    """Write the resolved config next to an output (``directory/config.yaml``) atomically."""
+    """Write the resolved config next to an output (``directory/config.yaml``) atomically, credentials
+    redacted (a config file beside the outputs is read by people and copied around: it must hold no secret)."""
     return write_text_atomic(Path(directory) / name, config_to_yaml(cfg))

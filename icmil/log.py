@@ -21,11 +21,17 @@ _CONFIGURED = False
 
 
 def get_logger(name: str) -> logging.Logger:
-    """A logger under the ``icmil`` namespace, configured once to print ``time level stage: message``."""
+    """A logger under the ``icmil`` namespace, configured once to print ``time level stage: message``.
+
+    Every record passes :class:`icmil.redact.RedactingFilter`: no credential reaches the log.
+    """
     global _CONFIGURED
     if not _CONFIGURED:
+        from icmil.redact import RedactingFilter
+
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.addFilter(RedactingFilter())
         root = logging.getLogger("icmil")
         root.addHandler(handler)
         root.setLevel(os.environ.get("ICMIL_LOG_LEVEL", "INFO"))

@@ -87,13 +87,15 @@ def check_no_secrets(cfg: ICMILConfig) -> None:
     >>> check_no_secrets(load_config(None, ["tuning.storage=postgresql://optuna:pw@db/optuna"]))
     Traceback (most recent call last):
     ...
-    icmil.errors.ConfigError: tuning.storage holds a credential (postgresql://optuna:***@...); ...
+    icmil.errors.ConfigError: tuning.storage holds a credential ('postgresql://***@db/optuna'); ...
     """
+    from icmil.redact import redact_text, redact_uri
+
     for field, value in _strings(cfg.model_dump(mode="json")):
         if _USERINFO_PASSWORD.match(value) or _SECRET_QUERY.search(value):
-            scheme = value.split("://", 1)[0]
+            # The message shows the value as every log shows it: redacted (it is printed and may be logged).
             raise ConfigError(
-                f"{field} holds a credential ({scheme}://{value.split('://', 1)[1].split(':', 1)[0]}:***@...); "
+                f"{field} holds a credential ({redact_text(redact_uri(value))!r}); "
                 "a compiled pipeline must not contain secrets. Leave the value out of the config and provide it "
                 "through the environment from a Kubernetes Secret (MLFLOW_TRACKING_URI in "
                 f"pipeline.mlflow_secret={cfg.pipeline.mlflow_secret!r}, ICMIL_OPTUNA_STORAGE for tuning storage)."
@@ -190,8 +192,9 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
     check_no_secrets(cfg)
     if cluster:
         cfg = cluster_config(cfg)
-    full = config_to_yaml(cfg)
-    views = {stage: config_to_yaml(stage_config(cfg, stage)) for stage in CACHE_VIEWS}
+    # The exact text (check_no_secrets above guarantees it holds no credential to redact).
+    full = config_to_yaml(cfg, redact=False)
+    views = {stage: config_to_yaml(stage_config(cfg, stage), redact=False) for stage in CACHE_VIEWS}
     synthetic = cfg.manifest is None
     rounds = cfg.coupling.rounds
     p = cfg.pipeline
@@ -325,7 +328,7 @@ def build_pipeline(cfg: ICMILConfig, cluster: bool = True) -> BaseComponent:
             place(registered.set_display_name("register"), cfg, "register")
 
             with dsl.If(registered.outputs["Output"] == True, name="challenger-wins"):  # noqa: E712
-                promoted = promote(config_yaml=full)
+                promoted = promote(config_yaml=full, parent_run_id=parent)
                 place(promoted.set_display_name("promote"), cfg, "promote")
 
             reported = report(

@@ -92,7 +92,9 @@ _INTERESTING = re.compile(
 class _LogFilter(io.TextIOBase):
     """Everything to the log file; to the terminal only task starts/ends, icmil log lines and errors.
 
-    The local runner echoes each task's whole executor input, which would bury the progress of a run.
+    The local runner echoes each task's whole executor input, which would bury the progress of a run. Every
+    line is redacted (:func:`icmil.redact.redact_text`) before it reaches the file or the terminal: task logs
+    hold third-party output too (MLflow, KFP), whose URLs may carry credentials.
     """
 
     def __init__(self, log_file: TextIO, terminal: TextIO) -> None:
@@ -102,10 +104,13 @@ class _LogFilter(io.TextIOBase):
         self._in_traceback = False
 
     def write(self, text: str) -> int:
-        self._file.write(text)
+        from icmil.redact import redact_text
+
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
-        for line in lines:
+        for raw in lines:
+            line = redact_text(raw)
+            self._file.write(line + "\n")
             stripped = line.strip()
             if stripped.startswith("Traceback"):
                 self._in_traceback = True
@@ -124,16 +129,33 @@ class _LogFilter(io.TextIOBase):
         self._file.flush()
         self._terminal.flush()
 
+    def close_pending(self) -> None:
+        """Write an unfinished last line (a task that died mid-line)."""
+        if self._pending:
+            self.write("\n")
+
 
 @contextlib.contextmanager
 def _quiet_runner_output(log_path: Path, verbose: bool) -> Iterator[None]:
+    from icmil.redact import RedactingStream
+
     if verbose:
-        yield
+        stream = RedactingStream(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(stream):
+                yield
+        finally:
+            stream.flush()
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     terminal = sys.stdout
-    with log_path.open("a", encoding="utf-8") as fh, contextlib.redirect_stdout(_LogFilter(fh, terminal)):
-        yield
+    with log_path.open("a", encoding="utf-8") as fh:
+        filtered = _LogFilter(fh, terminal)
+        try:
+            with contextlib.redirect_stdout(filtered):
+                yield
+        finally:
+            filtered.close_pending()
 
 
 @contextlib.contextmanager
@@ -240,9 +262,12 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     from kfp import local
 
     from icmil.tracking import resolve_tracking_uri
+    from icmil.tracking.retry import configure_mlflow_http
     from pipelines.icmil_pipeline import build_pipeline
 
     started = time.monotonic()
+    # One tracking budget for this process and the task processes it starts (they inherit the environment).
+    configure_mlflow_http(cfg.tracking)
     run_dir = Path(cfg.run_dir).resolve()
     cfg = cfg.model_copy(update={"run_dir": run_dir})
     if cfg.manifest and not cfg.manifest.startswith("s3://"):
@@ -275,8 +300,11 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
             pipeline() if cfg.manifest is None else pipeline(manifest=cfg.manifest)
     except RuntimeError as err:
+        from icmil.redact import redact_text
+
         raise ICMILError(
-            f"local pipeline run failed: {_plain(str(err))}. Full task logs: {pipeline_root / 'pipeline.log'}"
+            f"local pipeline run failed: {redact_text(_plain(str(err)))}. "
+            f"Full task logs: {pipeline_root / 'pipeline.log'}"
         ) from None
     run_folder = _new_run_folder(pipeline_root, before, cfg.pipeline.pipeline_name)
     summary = _collect_summary(cfg, run_dir, run_folder, tracking_uri)

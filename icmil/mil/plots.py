@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -98,15 +99,20 @@ def plot_heatmap(
     slide_id: str = "",
     title: str = "",
     lesion_boxes: Sequence[Sequence[float]] | None = None,
+    scale: Literal["minmax", "absolute", "rank"] = "minmax",
+    label: str | None = None,
 ) -> Path:
-    """Per-patch scores (min-max normalised) drawn over the slide thumbnail, or over a plain canvas sized
-    to the coordinates when the slide is not readable here. Lesion boxes (level 0), if given, are outlined.
+    """Per-patch scores drawn over the slide thumbnail, or over a plain canvas sized to the coordinates when
+    the slide is not readable here. Lesion boxes (level 0), if given, are outlined.
+
+    ``scale``: ``minmax`` stretches the slide's own range to 0-1 (attention weights, which have no absolute
+    scale); ``absolute`` draws probabilities as they are on a fixed 0-1 colour bar, so a normal slide stays
+    cold; ``rank`` draws each patch's percentile rank within the slide. ``label`` names the colour bar.
     """
     xy = np.asarray(coords, dtype=float).reshape(-1, 2)
     s = np.asarray(scores, dtype=float).reshape(-1)
     size = float(patch_size_level0)
-    span = s.max() - s.min() if len(s) else 0.0
-    norm = (s - s.min()) / span if span > 0 else np.full_like(s, 0.5)
+    norm = _scaled(s, scale)
     thumb = _thumbnail(slide_path, slide_id)
     if thumb is not None:
         image, (width, height) = thumb
@@ -141,5 +147,27 @@ def plot_heatmap(
     ax.set(xlim=(0, width), ylim=(height, 0), title=title or slide_id)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.colorbar(shown, ax=ax, fraction=0.03, label="score (min-max)")
+    fig.colorbar(shown, ax=ax, fraction=0.03, label=label or _SCALE_LABELS[scale])
     return _save(fig, out)
+
+
+_SCALE_LABELS = {
+    "minmax": "score (min-max)",
+    "absolute": "probability (absolute 0-1)",
+    "rank": "percentile rank within the slide",
+}
+
+
+def _scaled(s: np.ndarray, scale: str) -> np.ndarray:
+    """Scores mapped to 0-1 for the colour map (see :func:`plot_heatmap`)."""
+    if scale == "absolute":
+        return np.clip(s, 0.0, 1.0)
+    if scale == "rank":
+        if len(s) < 2:
+            return np.full_like(s, 0.5)
+        order = s.argsort(kind="stable").argsort(kind="stable")
+        return order / (len(s) - 1)
+    if scale != "minmax":
+        raise ValueError(f"heatmap scale must be minmax, absolute or rank, not {scale!r}")
+    span = s.max() - s.min() if len(s) else 0.0
+    return (s - s.min()) / span if span > 0 else np.full_like(s, 0.5)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from icmil.errors import TrackingError
 from icmil.io import write_text_atomic
 from icmil.log import get_logger
+from icmil.redact import redact_text
 from icmil.tracking.base import NullTracker, StageRun, StageTracker
 from icmil.tracking.retry import RetryPolicy, configure_mlflow_http, is_transient
 from icmil.tracking.uris import config_params, default_artifact_location, redact_uri, resolve_tracking_uri
@@ -193,7 +194,7 @@ class MlflowStageRun:
         self._submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._submit({"op": "tags", "tags": {safe_key(k): str(v) for k, v in tags.items()}})
+        self._submit({"op": "tags", "tags": {safe_key(k): redact_text(str(v)) for k, v in tags.items()}})
 
     # internals ----------------------------------------------------------------------
     @property
@@ -535,6 +536,7 @@ def start_parent_run(
     commit = git_commit()
     if commit and TAG_GIT_COMMIT not in all_tags:
         all_tags[TAG_GIT_COMMIT] = commit
+    all_tags = {k: redact_text(str(v)) for k, v in all_tags.items()}  # e.g. a KFP error text quoting a URI
 
     exp_id = policy.call(
         lambda: get_or_create_experiment(client, cfg.tracking.experiment, tracking_uri),
@@ -562,6 +564,10 @@ def start_parent_run(
         )
         run_id = str(created.info.run_id)
         log.info("parent run %s in experiment %r at %s", run_id, cfg.tracking.experiment, where)
+        if where.startswith(
+            ("http://", "https://")
+        ):  # MLflow's own "View run" line is off (it shows secrets)
+            log.info("view the run at %s/#/experiments/%s/runs/%s", where.rstrip("/"), exp_id, run_id)
     params = [Param(k, v) for k, v in config_params(cfg).items()]
     policy.call(lambda: _log_batch(client, run_id, params=params), f"log config params at {where}")
     policy.call(
@@ -570,18 +576,9 @@ def start_parent_run(
     )
     with tempfile.TemporaryDirectory(prefix="icmil-config-") as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(_redacted_yaml(config_to_yaml(cfg)), encoding="utf-8")
+        path.write_text(config_to_yaml(cfg), encoding="utf-8")  # redacted: credentials never reach MLflow
         policy.call(lambda: client.log_artifact(run_id, str(path)), f"log config.yaml at {where}")
     return run_id
-
-
-def _redacted_yaml(text: str) -> str:
-    """The config YAML with credentials stripped from every URI-looking value."""
-    import yaml
-
-    from icmil.tracking.uris import _redact_nested
-
-    return yaml.safe_dump(_redact_nested(yaml.safe_load(text)), sort_keys=False)
 
 
 def end_parent_run(cfg: ICMILConfig, parent_run_id: str, status: str = "FINISHED") -> None:

@@ -103,8 +103,15 @@ class PromotionResult:
     registry_uri: str
     target_version: str | None = None  # the version now holding `champion` (differs across registries)
     reevaluated: bool = False
+    dry_run: bool = False  # True: the decision only; no alias or tag was changed
+    already_champion: bool = False
 
     def __str__(self) -> str:
+        if self.already_champion:
+            return f"ALREADY CHAMPION {self.name} v{self.challenger_version}: {self.reason}"
+        if self.dry_run:
+            verdict = "WOULD PROMOTE" if self.promoted else "WOULD NOT PROMOTE"
+            return f"{verdict} {self.name} v{self.challenger_version}: {self.reason} (dry run: nothing was changed)"
         verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"
         return f"{verdict} {self.name} v{self.challenger_version}: {self.reason}"
 
@@ -321,15 +328,16 @@ def _score_model(
     import numpy as np
 
     from icmil.mil.metrics import classification_metrics
-    from icmil.tracking.slide_classifier import model_classes, open_slide_classifier, prob_columns
+    from icmil.tracking.slide_classifier import as_slide_table, open_slide_classifier, prob_columns
 
+    # The bundle is loaded by the installed icmil code (the model's stored Python file never runs here).
     with open_slide_classifier(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri) as model:
-        classes = model_classes(model)
+        classes = list(model.classes)
         unknown = sorted(set(table["label"].astype(str)) - set(classes))
         if unknown:
             raise TrackingError(f"evaluation labels {unknown} are not classes of {model_uri} ({classes})")
-        params = {"out_dir": str(work_dir), "heatmaps": False, "device": ""}
-        pred = pd.DataFrame(model.predict(table[["slide_id", "path"]].astype(str), params=params))
+        slides = as_slide_table(table[["slide_id", "path"]].astype(str))
+        pred = model.classify(slides, work_dir, heatmaps=False, outputs=False)
     failed = pred[pred["error"].astype(str) != ""]
     if len(failed):
         detail = "; ".join(f"{r.slide_id}: {r.error}" for r in failed.itertuples())
@@ -383,13 +391,17 @@ def promote(
     target = _clients(tracking_uri, target_registry_uri) if cross else source
     src_where, dst_where = redact_uri(_registry_of(source)), redact_uri(_registry_of(target))
 
-    challenger = policy.call(lambda: _version_by_alias(source, name, CHALLENGER), f"read {name}@{CHALLENGER}")
+    challenger = policy.call(
+        lambda: _version_by_alias(source, name, CHALLENGER), f"read {name}@{CHALLENGER} from {src_where}"
+    )
     if challenger is None:
         raise TrackingError(
             f"model {name!r} has no version with alias {CHALLENGER!r} in {src_where}: register one first "
             "(the pipeline's register step, or icmil.tracking.register_challenger)"
         )
-    champion = policy.call(lambda: _version_by_alias(target, name, CHAMPION), f"read {name}@{CHAMPION}")
+    champion = policy.call(
+        lambda: _version_by_alias(target, name, CHAMPION), f"read {name}@{CHAMPION} from {dst_where}"
+    )
     result = PromotionResult(
         name=name,
         promoted=False,
@@ -403,6 +415,7 @@ def promote(
         margin=margin,
         floor=floor,
         registry_uri=dst_where,
+        dry_run=dry_run,
     )
     gate = _Gate(result, source, target, challenger, champion, on_data_mismatch, dry_run)
     try:
@@ -466,6 +479,7 @@ class _Gate:
         )
         if same:
             self.result.promoted = True
+            self.result.already_champion = True
             self.result.reason = "the challenger already is the champion; nothing to do"
             self.result.target_version = str(champ.version)
         return same

@@ -97,6 +97,23 @@ def test_local_run_registers_promotes_and_closes_the_mlflow_parent_run(local_run
     } <= children
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"summary.json", "summary.csv", "config.yaml"} <= artifacts
+    # The parent run itself carries the per-round metrics and the gate's decision (the experiment table).
+    metrics, tags = parents[0].data.metrics, parents[0].data.tags
+    assert metrics["round_test_auc"] == local_run.rounds[-1]["test_auc"] and "gain_test_auc" in metrics
+    history = client.get_metric_history(parents[0].info.run_id, "round_val_auc")
+    assert [m.step for m in history] == [0, 1]
+    assert metrics["gate_promote"] == 1.0 and metrics["gate_promoted"] == 1.0
+    assert tags["icmil.gate.decision"] == "promote" and tags["icmil.gate.final"] == "promoted"
+    assert tags["icmil.model_version"] == "1"
+    # The registered bundle: slim, with the validation-chosen threshold and its rule.
+    import json
+
+    source = client.get_model_version(reg["model"], "1").source.removeprefix("file://")
+    settings = json.loads((Path(source) / "artifacts" / "bundle" / "settings.json").read_text())
+    assert (
+        settings["threshold"]["rule"] in ("youden", "default") and settings["threshold"]["value"] is not None
+    )
+    assert not (Path(source) / "artifacts" / "bundle" / "head" / "checkpoint").exists()
 
 
 @pytest.mark.slow

@@ -102,7 +102,8 @@ def test_full_flow_on_postgres_and_s3(  # type: ignore[no-untyped-def]
     assert (
         table.loc[0, "error"] == ""
         and table.loc[0, "n_patches"] > 0
-        and Path(table.loc[0, "heatmap"]).is_file()
+        and (Path(table.loc[0, "output_dir"]) / "heatmap.png").is_file()
+        and (Path(table.loc[0, "output_dir"]) / "prediction.json").is_file()
     )
 
     # Promote the challenger (v3) into another registry, where there is no champion yet: the version there
@@ -145,4 +146,4 @@ def test_promotion_from_a_local_registry_into_the_server(  # type: ignore[no-unt
     from icmil.tracking.slide_classifier import open_slide_classifier
 
     with open_slide_classifier("models:/laptop-model@champion", tracking_uri=mlflow_server.url) as model:
-        assert model.metadata.metadata["icmil"]["classes"] == CLASSES
+        assert model.classes == CLASSES and model.ref["version"] == mv.version

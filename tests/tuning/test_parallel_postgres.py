@@ -48,7 +48,7 @@ def test_two_worker_processes_share_one_study(tmp_path, cohort, postgres_url):
         tmp_path, f"tuning.storage={storage}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
     )
     cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(config_to_yaml(cfg))
+    cfg_file.write_text(config_to_yaml(cfg, redact=False))  # passed to another process: exact text
     parent = start_parent_run(cfg, run_name="tuning-test")
     tracker = tracker_for(cfg, parent)
     study_name = "icmil-parallel-round0"
@@ -103,7 +103,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(tmp_path, cohort,
     slow = tuning_cfg(tmp_path, f"tuning.storage={storage}", "tuning.epochs=500", "mil.patience=null")
     fast = tuning_cfg(tmp_path, f"tuning.storage={storage}", "tuning.epochs=2")
     cfg_file = tmp_path / "slow.yaml"
-    cfg_file.write_text(config_to_yaml(slow))
+    cfg_file.write_text(config_to_yaml(slow, redact=False))
     study_name = "icmil-heartbeat-round0"
     prepare_tuning(fast, study_name, 0, n_trials=1)
     out = tmp_path / "tune"
