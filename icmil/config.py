@@ -233,11 +233,14 @@ class CouplingConfig(_Section):
         0, ge=0, description="label index of the negative class (hard negatives)"
     )
     patience: int | None = Field(None, ge=1, description="stop after this many evals without val improvement")
-    selection: Literal["val", "last"] = Field(
+    selection: Literal["val", "cv", "last"] = Field(
         "val",
-        description="val: keep the best of teacher + evaluated students by val AUC (then separation); "
-        "last: keep the last student (diagnostic: coupling without selection)",
+        description="val: keep the best of teacher + evaluated students by the frozen head's val AUC (then "
+        "separation); cv: by the cross-validated AUC (then loss) of a head refit on each candidate's train+val "
+        "features; last: keep the last student (diagnostic: coupling without selection)",
     )
+    cv_folds: int = Field(5, ge=2, description="selection=cv: folds over the train+val slides")
+    cv_epochs: int = Field(20, ge=1, description="selection=cv: epochs of each refit head")
     eval_max_patches: int | None = Field(
         None, ge=1, description="cap on patches per val slide when re-embedding for selection (None: all)"
     )

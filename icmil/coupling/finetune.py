@@ -202,14 +202,55 @@ def score_val(
     }
 
 
-def _selection_key(metrics: Mapping[str, float]) -> tuple[float, float]:
-    """(val AUC, val separation): bigger is better; NaN counts as worst."""
+def _selection_key(metrics: Mapping[str, float], selection: str = "val") -> tuple[float, float]:
+    """Bigger is better; NaN counts as worst. ``val``: (frozen-head val AUC, val separation); ``cv``:
+    (cross-validated AUC of a refit head, minus its cross-validated loss)."""
 
-    def val(k: str) -> float:
+    def val(k: str, sign: float = 1.0) -> float:
         v = metrics.get(k, float("nan"))
-        return -math.inf if v is None or math.isnan(v) else float(v)
+        return -math.inf if v is None or math.isnan(v) else sign * float(v)
 
+    if selection == "cv":
+        return (val("cv_auc"), val("cv_loss", -1.0))
     return (val("val_auc"), val("val_separation"))
+
+
+SELECTION_METRICS = ("val_auc", "val_separation", "val_loss", "cv_auc", "cv_loss")
+
+
+def _loggable(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in SELECTION_METRICS if k in metrics}
+
+
+def _describe(metrics: Mapping[str, float]) -> str:
+    text = (
+        f"frozen-head val AUC {metrics['val_auc']:.4f}, separation {metrics['val_separation']:.4f}, "
+        f"loss {metrics['val_loss']:.4f} ({int(metrics['val_slides'])} slides)"
+    )
+    if "cv_auc" in metrics:
+        text += f"; refit-head CV AUC {metrics['cv_auc']:.4f}, loss {metrics['cv_loss']:.4f}"
+    return text
+
+
+def score_cv(
+    features: Mapping[str, np.ndarray], labels: Mapping[str, int], cfg: ICMILConfig, n_classes: int
+) -> dict[str, float]:
+    """Cross-validated AUC and loss of a bag head trained afresh on ``features`` (train + val slides): what
+    the retrained head of the next stage can make of an encoder (:mod:`icmil.mil.crossval`)."""
+    from icmil.mil.crossval import crossval_score
+
+    ids = sorted(features)
+    bags = [torch.from_numpy(np.ascontiguousarray(features[i], dtype=np.float32)) for i in ids]
+    res = crossval_score(
+        bags,
+        [int(labels[i]) for i in ids],
+        cfg.mil,
+        n_classes,
+        folds=cfg.coupling.cv_folds,
+        epochs=cfg.coupling.cv_epochs,
+        seed=cfg.coupling.seed,
+    )
+    return {"cv_auc": res.auc, "cv_loss": res.loss, "cv_slides": float(len(ids))}
 
 
 def finetune_encoder(
@@ -287,8 +328,13 @@ def finetune_encoder(
     check_split(manifest, set(pool.slide_ids))  # the pool itself, after every filtering step
     pair.to(device, channels_last=cc.channels_last)
 
+    # Selection by cross-validation re-embeds the training slides too (capped per slide, a fixed subset).
+    select_sources = val_sources
+    if cc.selection == "cv":
+        select_sources = [*slide_sources(train_rows, tiles_dir, cfg.cache_dir)[0], *val_sources]
+    val_ids = {s.slide_id for s in val_sources}
     valer = ValEmbedder(
-        val_sources,
+        select_sources,
         batch_size=cfg.embed.batch_size,
         num_workers=min(cc.num_workers, 2),
         device=device,
@@ -300,7 +346,12 @@ def finetune_encoder(
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         feats = valer.embed(model)
-        return score_val(pair.teacher_head, feats, labels, device)
+        metrics = score_val(
+            pair.teacher_head, {k: v for k, v in feats.items() if k in val_ids}, labels, device
+        )
+        if cc.selection == "cv":
+            metrics |= score_cv(feats, labels, cfg, head.n_classes)
+        return metrics
 
     groups = [{"params": list(pair.head_parameters()), "lr": cc.lr}]
     encoder_params = list(pair.encoder_parameters())
@@ -333,21 +384,19 @@ def finetune_encoder(
     t_eval = time.perf_counter()
     teacher_metrics = evaluate(pair.teacher_encoder)
     eval_seconds = time.perf_counter() - t_eval
-    log.info(
-        "coupling step 0 (teacher): val AUC %.4f, separation %.4f, loss %.4f on %d slides",
-        teacher_metrics["val_auc"],
-        teacher_metrics["val_separation"],
-        teacher_metrics["val_loss"],
-        teacher_metrics["val_slides"],
-    )
+    log.info("coupling step 0 (teacher): %s", _describe(teacher_metrics))
     history: list[dict[str, Any]] = [{"step": 0, **teacher_metrics, "selected": True}]
     if run is not None:
-        run.log_metrics({k: teacher_metrics[k] for k in ("val_auc", "val_separation", "val_loss")}, step=0)
+        run.log_metrics(_loggable(teacher_metrics), step=0)
     if step_callback is not None:
         step_callback(0, dict(teacher_metrics))
     if eval_callback is not None:
         eval_callback(0, pair.teacher_encoder)
-    best_key, best_step, best_metrics = _selection_key(teacher_metrics), 0, dict(teacher_metrics)
+    best_key, best_step, best_metrics = (
+        _selection_key(teacher_metrics, cc.selection),
+        0,
+        dict(teacher_metrics),
+    )
     best_state: dict[str, torch.Tensor] | None = None  # None = the teacher
     evals_since_best, stop_reason, step = 0, "max_steps", 0
     n_patches, train_seconds = 0, 0.0
@@ -437,9 +486,10 @@ def finetune_encoder(
                 eval_seconds += time.perf_counter() - t_eval
                 mean_losses = {f"train_{k}": v / max(running_n, 1) for k, v in running.items()}
                 running, running_n = {}, 0
-                improved = _selection_key(metrics) > best_key or cc.selection == "last"
+                key = _selection_key(metrics, cc.selection)
+                improved = key > best_key or cc.selection == "last"
                 if improved:
-                    best_key, best_step, best_metrics = _selection_key(metrics), step, dict(metrics)
+                    best_key, best_step, best_metrics = key, step, dict(metrics)
                     best_state = {
                         k: v.detach().to("cpu", copy=True)
                         for k, v in pair.student_encoder.state_dict().items()
@@ -449,26 +499,20 @@ def finetune_encoder(
                     evals_since_best += 1
                 history.append({"step": step, **metrics, "selected": improved})
                 log.info(
-                    "coupling step %d: val AUC %.4f, separation %.4f, loss %.4f (best: step %d, AUC %.4f)%s",
+                    "coupling step %d: %s (best: step %d)%s",
                     step,
-                    metrics["val_auc"],
-                    metrics["val_separation"],
-                    metrics["val_loss"],
+                    _describe(metrics),
                     best_step,
-                    best_metrics["val_auc"],
                     "  <- new best" if improved else "",
                 )
                 if run is not None:
-                    run.log_metrics(
-                        {**{k: metrics[k] for k in ("val_auc", "val_separation", "val_loss")}, **mean_losses},
-                        step=step,
-                    )
+                    run.log_metrics({**_loggable(metrics), **mean_losses}, step=step)
                 if step_callback is not None:
                     step_callback(step, dict(metrics))
                 if eval_callback is not None:
                     eval_callback(step, pair.student_encoder)
                     pair.train_student()
-                if cc.patience is not None and evals_since_best >= cc.patience and cc.selection == "val":
+                if cc.patience is not None and evals_since_best >= cc.patience and cc.selection != "last":
                     stop_reason = "patience"
                     break
                 t_train = time.perf_counter()

@@ -56,7 +56,7 @@ class CrossValScore:
         return {f"{prefix}auc": self.auc, f"{prefix}loss": self.loss}
 
 
-def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> list[np.ndarray]:
+def stratified_folds(labels: Sequence[int] | np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """Indices of ``folds`` held-out sets, stratified by label, seeded (every class spread over the folds).
 
     >>> [f.tolist() for f in stratified_folds([0, 0, 1, 1], 2, seed=0)]
