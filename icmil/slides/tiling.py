@@ -329,7 +329,7 @@ def check_dimensions(slide: openslide.OpenSlide, path: Path, slide_id: str, cfg:
             f"corrupt slide: {path} claims {w}x{h} px ({w * h / 1e9:.1f} Gpx) but holds {size / 1e3:.0f} kB "
             f"({w * h / size:.0f} px per byte; a scan stores at least 1 byte per {cfg.max_pixels_per_byte:.0f} "
             "px, even of blank glass): the file is truncated or its header is wrong",
-            "re-export or re-copy the slide (the limit is tiling.max_pixels_per_byte)",
+            "re-export or re-copy the slide; tiling.max_pixels_per_byte sets this limit",
         )
     lw, lh = min(slide.level_dimensions, key=lambda d: d[0] * d[1])
     if lw * lh > cfg.mask_max_pixels:
