@@ -45,7 +45,10 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> ICMILConfig:
 def _manifest(cfg: ICMILConfig, path: Path) -> Any:
     from icmil.manifest import read_run_manifest
 
-    return read_run_manifest(cfg, path)
+    manifest = read_run_manifest(cfg, path)
+    for why in manifest.rejected.values():  # each names its CSV line
+        log.warning("manifest %s", why)
+    return manifest
 
 
 def _tracking_uris(cfg: ICMILConfig, tracking_uri: str | None) -> tuple[str, str]:

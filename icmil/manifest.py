@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import unicodedata
@@ -232,7 +233,9 @@ def _read_rows(p: Path) -> tuple[list[str], list[_Row], _Rejections]:
         raise ManifestError(f"manifest {p} cannot be read: {err}") from None
     if "\x00" in text:
         raise ManifestError(f"manifest {p} contains NUL bytes; it is not a CSV text file")
-    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    # Lines end at \n, \r\n or \r only (not at the other Unicode line separators str.splitlines knows), so
+    # line numbers are the ones an editor shows and such characters inside a value stay in the value.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[_Row] = []
     header: list[str] | None = None
     start = 1
@@ -287,8 +290,10 @@ def _read_rows(p: Path) -> tuple[list[str], list[_Row], _Rejections]:
 
 
 def _control_char_field(values: dict[str, str]) -> str | None:
-    for column, value in values.items():
-        if any(unicodedata.category(c) == "Cc" for c in value):
+    """The first column this project reads whose value holds a control character (free extra columns, such
+    as notes with line breaks, are the user's business)."""
+    for column in ("path", "label", "split", "mpp"):
+        if any(unicodedata.category(c) == "Cc" for c in values.get(column, "")):
             return column
     return None
 
@@ -340,32 +345,26 @@ def read_manifest(
     has_split = "split" in header and any(r.values.get("split") for r in rows)
 
     # ---- per-row checks: ids, paths, labels, µm/px, splits
-    kept: list[_Row] = []
+    named: list[_Row] = []
     for row in rows:
-        v = row.values
-        sid = v["slide_id"]
-        bad_column = _control_char_field(v)
+        sid = row.values["slide_id"]
         if not sid:
             rej.add(row, "empty slide_id; every row needs one")
         elif (why := slide_id_problem(sid)) is not None:
             rej.add(row, f"slide id {sid!r} {why}; rename the slide in the manifest")
-        elif bad_column is not None:
-            rej.add(row, f"the {bad_column} field contains a control character")
-        elif (why := _path_problem(v["path"])) is not None:
-            rej.add(row, why)
-        elif not v["label"]:
-            rej.add(row, "empty label")
         else:
-            kept.append(row)
+            named.append(row)
 
+    # Ids are unique over every row that names a slide, whatever else is wrong with it: a rejected row must
+    # never share its id (its key in ``errors``, its file names) with a slide that is kept.
     by_key: dict[str, list[_Row]] = defaultdict(list)
-    for row in kept:
+    for row in named:
         by_key[id_key(row.values["slide_id"])].append(row)
-    unique: list[_Row] = []
-    for row in kept:
+    kept: list[_Row] = []
+    for row in named:
         group = by_key[id_key(row.values["slide_id"])]
         if len(group) == 1:
-            unique.append(row)
+            kept.append(row)
             continue
         ids = sorted({r.values["slide_id"] for r in group})
         lines = [r.line for r in group]
@@ -378,8 +377,18 @@ def read_manifest(
         rej.add(row, what)
 
     good: list[_Row] = []
-    for row in unique:
+    for row in kept:
         v = row.values
+        bad_column = _control_char_field(v)
+        if bad_column is not None:
+            rej.add(row, f"the {bad_column} field contains a control character")
+            continue
+        if (why := _path_problem(v["path"])) is not None:
+            rej.add(row, why)
+            continue
+        if not v["label"]:
+            rej.add(row, "empty label")
+            continue
         raw_mpp = v.get("mpp", "")
         if raw_mpp:
             try:
