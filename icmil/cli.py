@@ -141,6 +141,11 @@ def cmd_couple(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         extra.append(f"coupling.rounds={args.rounds}")
     cfg = _config(args, extra)
+    if not (Path(cfg.run_dir) / "manifest.csv").is_file():
+        from icmil.cohort import preflight_cohort
+
+        # Before the run folder is made: after fixing the manifest or a setting, the rerun starts clean.
+        preflight_cohort(cfg)
     summary = run_coupling(cfg)
     print(summary.to_string(index=False))
     return 0

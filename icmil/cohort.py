@@ -32,7 +32,7 @@ from icmil.config import ICMILConfig
 from icmil.errors import ManifestError, check_failure_fraction
 from icmil.io import atomic_path, file_digest, text_digest, write_json_atomic, write_text_atomic
 from icmil.log import get_logger
-from icmil.manifest import check_trainable, read_run_manifest
+from icmil.manifest import Manifest, check_trainable, read_run_manifest
 
 log = get_logger("cohort")
 
@@ -140,6 +140,48 @@ def _portable_path(path: str, base: Path) -> str:
         return path
 
 
+def check_cohort(cfg: ICMILConfig, manifest_csv: str | os.PathLike[str]) -> Manifest:
+    """Every check of a training cohort, in seconds and before anything expensive; returns the manifest.
+
+    The manifest's own checks (ids, labels, splits; each rejected row is logged with its CSV line), a train
+    split with two or more classes and a non-empty val split (:func:`~icmil.manifest.check_trainable`), and
+    rejected rows plus missing local slide files within ``tiling.max_failed_fraction`` (past it the tile
+    stage would fail anyway, after tiling everything else).
+    """
+    m = read_run_manifest(cfg, manifest_csv)
+    for line in sorted(m.rejected):
+        log.warning("manifest %s", m.rejected[line])
+    check_trainable(m, val_fraction=cfg.val_fraction)
+    missing = {
+        str(sid): f"slide file not found: {path}"
+        for sid, path in zip(m.slides["slide_id"], m.slides["path"], strict=True)
+        if not str(path).startswith("s3://") and not os.path.exists(path)
+    }
+    check_failure_fraction(
+        "manifest check",
+        {**m.errors, **missing},
+        len(m.slides) + len(m.errors),
+        cfg.tiling.max_failed_fraction,
+    )
+    return m
+
+
+def preflight_cohort(cfg: ICMILConfig) -> None:
+    """:func:`check_cohort` on ``cfg.manifest`` before a pipeline starts (nothing to check for a synthetic
+    cohort); an ``s3://`` manifest is fetched into a temporary folder first. Writes nothing."""
+    if cfg.manifest is None:
+        return
+    if cfg.manifest.startswith("s3://"):
+        import tempfile
+
+        from icmil.slides import localize
+
+        with tempfile.TemporaryDirectory(prefix="icmil-preflight-") as tmp:
+            check_cohort(cfg, localize(cfg.manifest, Path(tmp)))
+        return
+    check_cohort(cfg, cfg.manifest)
+
+
 def prepare_cohort(
     cfg: ICMILConfig,
     out_dir: str | os.PathLike[str],
@@ -153,10 +195,8 @@ def prepare_cohort(
     synthetic cohort goes to ``out_dir/synth/``. Rows the manifest reader rejected are listed in ``errors``
     (and logged with their CSV line) and left out of every shard.
 
-    All cohort checks run here, before anything expensive: the manifest's own (ids, labels, splits), a train
-    split with two or more classes and a non-empty val split (:func:`~icmil.manifest.check_trainable`), and
-    rejected rows plus missing local slide files within ``tiling.max_failed_fraction``. Nothing is written
-    when they fail, so a rerun checks again.
+    All cohort checks (:func:`check_cohort`) run first; nothing is written when they fail, so a rerun checks
+    again.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,23 +212,7 @@ def prepare_cohort(
         source_path = localize(source, out / "source")
     else:
         source_path = Path(source)
-    m = read_run_manifest(cfg, source_path)
-    # Every check of the cohort runs here, before any tiling or embedding, so a bad cohort fails in seconds.
-    for line in sorted(m.rejected):
-        log.warning("manifest %s", m.rejected[line])
-    check_trainable(m, val_fraction=cfg.val_fraction)
-    missing = {
-        str(sid): f"slide file not found: {path}"
-        for sid, path in zip(m.slides["slide_id"], m.slides["path"], strict=True)
-        if not str(path).startswith("s3://") and not os.path.exists(path)
-    }
-    # Rejected rows and missing files would each fail in the tile stage; past the limit, fail now instead.
-    check_failure_fraction(
-        "manifest check",
-        {**m.errors, **missing},
-        len(m.slides) + len(m.errors),
-        cfg.tiling.max_failed_fraction,
-    )
+    m = check_cohort(cfg, source_path)
     slides = m.slides.copy()
     slides["path"] = [_portable_path(p, out) for p in slides["path"]]
     manifest_csv = write_text_atomic(out / MANIFEST_NAME, slides.to_csv(index=False))

@@ -18,7 +18,8 @@ spacing or a small edit (``tumor`` / ``tumour``): a typo must not become a class
 Splits: with no ``split`` column a stratified, seeded split by slide is made (``val_fraction``,
 ``test_fraction``); with official splits that have no ``val`` rows (train/test only, as Camelyon16), a
 stratified, seeded validation split of ``val_fraction`` of the training slides is carved from ``train``. The
-decision is logged and kept in :attr:`Manifest.notes`; the resolved manifest (:meth:`Manifest.write`) records it.
+decision is logged and kept in :attr:`Manifest.notes`; the resolved manifest (:meth:`Manifest.write`) records it
+in its ``split_source`` column (``manifest``, ``carved from train (...)`` or ``seeded split (...)``).
 
 Example:
     >>> import io, tempfile, pathlib
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 log = get_logger("manifest")
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
+# Column of the resolved manifest saying where each row's split came from (the manifest, or a seeded decision).
+SPLIT_SOURCE = "split_source"
 SPLITS = ("train", "val", "test")
 _MAX_LISTED = 10  # lines named in one message; the rest are counted
 
@@ -476,15 +479,27 @@ def read_manifest(
     notes: list[str] = []
     if not has_split:
         df["split"] = _stratified_split(df["label_index"].to_numpy(), seed, val_fraction, test_fraction)
+        if not partial:
+            df[SPLIT_SOURCE] = (
+                f"seeded split (val_fraction={val_fraction}, test_fraction={test_fraction}, seed={seed})"
+            )
     elif not partial and not (df["split"] == "val").any():
         n_train = int((df["split"] == "train").sum())
+        before = df["split"].copy()
         moved = _carve_val(df, seed, val_fraction)
+        if SPLIT_SOURCE not in df:
+            df[SPLIT_SOURCE] = "manifest"
+        df.loc[before != df["split"], SPLIT_SOURCE] = (
+            f"carved from train (val_fraction={val_fraction}, seed={seed})"
+        )
         if moved:
             notes.append(
                 f"the manifest's split column has no val rows: carved a stratified validation split of {moved} "
                 f"of the {n_train} training slides (val_fraction={val_fraction}, seed={seed}); the test rows "
                 "are unchanged"
             )
+    if not partial and SPLIT_SOURCE not in df:
+        df[SPLIT_SOURCE] = "manifest"
     for note in notes:
         log.info("%s: %s", p.name, note)
     return Manifest(

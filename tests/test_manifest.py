@@ -205,6 +205,9 @@ def test_train_test_manifest_gets_a_seeded_stratified_val_from_train(tmp_path: P
     assert all(sid.startswith("tr") for sid in val["slide_id"])  # carved from train only
     assert sorted(m.split("test")["slide_id"]) == sorted(f"te{i}" for i in range(6))  # test untouched
     assert m.notes and "carved a stratified validation split of 4 of the 20 training slides" in m.notes[0]
+    # The resolved manifest says, row by row, where the split came from.
+    assert set(val["split_source"]) == {"carved from train (val_fraction=0.2, seed=0)"}
+    assert set(m.split("test")["split_source"]) == set(m.split("train")["split_source"]) == {"manifest"}
     # Seeded and stable; another seed picks other slides; the resolved manifest keeps the split as it is.
     assert read_manifest(p, val_fraction=0.2, seed=0).slides.equals(m.slides)
     assert set(read_manifest(p, val_fraction=0.2, seed=7).split("val")["slide_id"]) != set(val["slide_id"])
