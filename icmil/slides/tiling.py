@@ -3,9 +3,14 @@
 Output per slide (``out_dir/<slide_id>.h5``): dataset ``coords`` (N x 2 int64, level-0 top-left x, y) with
 attrs ``patch_level`` (the level patches are read from), ``patch_size`` (output edge), ``read_size`` (edge read
 at that level), ``slide_mpp``, ``target_mpp``, ``slide_path`` (as given in the manifest), ``slide_id``,
-``slide_digest``, ``settings_digest`` plus CLAM's ``downsample``, ``level_dim`` and ``name``. Next to it
-``<slide_id>.png``, a small overlay of the tissue mask and kept patches for eyeballing the tiling.
-``status.csv`` lists every manifest row: ok / error, patch count, error text, seconds.
+``slide_digest``, ``settings_digest``, ``content_sha256`` (checked by :func:`read_tiles`; a corrupt file is
+tiled again) plus CLAM's ``downsample``, ``level_dim`` and ``name``. Next to it ``<slide_id>.png``, a small
+overlay of the tissue mask and kept patches for eyeballing the tiling. ``status.csv`` lists every manifest row:
+ok / error, patch count, error text, seconds.
+
+Work per slide is bounded before any pixel is read (:func:`check_dimensions`): a header claiming more pixels
+than the file can hold is a corrupt slide, and the mask never reads a level above ``tiling.mask_max_pixels``.
+Temporary files left in the output folder by a killed run are removed first.
 
 Example:
     >>> import tempfile, pathlib
