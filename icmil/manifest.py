@@ -39,7 +39,7 @@ import os
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -346,121 +346,12 @@ def read_manifest(
         raise ManifestError(f"manifest not found: {p}")
     header, rows, rej = _read_rows(p)
     has_split = "split" in header and any(r.values.get("split") for r in rows)
-
-    # ---- per-row checks: ids, paths, labels, µm/px, splits
-    named: list[_Row] = []
-    for row in rows:
-        sid = row.values["slide_id"]
-        if not sid:
-            rej.add(row, "empty slide_id; every row needs one")
-        elif (why := slide_id_problem(sid)) is not None:
-            rej.add(row, f"slide id {sid!r} {why}; rename the slide in the manifest")
-        else:
-            named.append(row)
-
-    # Ids are unique over every row that names a slide, whatever else is wrong with it: a rejected row must
-    # never share its id (its key in ``errors``, its file names) with a slide that is kept.
-    by_key: dict[str, list[_Row]] = defaultdict(list)
-    for row in named:
-        by_key[id_key(row.values["slide_id"])].append(row)
-    kept: list[_Row] = []
-    for row in named:
-        group = by_key[id_key(row.values["slide_id"])]
-        if len(group) == 1:
-            kept.append(row)
-            continue
-        ids = sorted({r.values["slide_id"] for r in group})
-        lines = [r.line for r in group]
-        what = (
-            f"duplicate slide_id on CSV lines {lines}; slide ids must be unique"
-            if len(ids) == 1
-            else f"slide ids {ids} on CSV lines {lines} differ only by letter case and would share one file "
-            "on a case-insensitive filesystem; slide ids must be unique"
-        )
-        rej.add(row, what)
-
-    good: list[_Row] = []
-    for row in kept:
-        v = row.values
-        bad_column = _control_char_field(v)
-        if bad_column is not None:
-            rej.add(row, f"the {bad_column} field contains a control character")
-            continue
-        if (why := _path_problem(v["path"])) is not None:
-            rej.add(row, why)
-            continue
-        if not v["label"]:
-            rej.add(row, "empty label")
-            continue
-        raw_mpp = v.get("mpp", "")
-        if raw_mpp:
-            try:
-                mpp = float(raw_mpp)
-            except ValueError:
-                mpp = float("nan")
-            if not (np.isfinite(mpp) and mpp > 0):
-                rej.add(row, f"mpp {raw_mpp!r} is not a positive number (µm per level-0 pixel, e.g. 0.25)")
-                continue
-        if has_split:
-            split = v.get("split", "").lower()
-            if split not in SPLITS:
-                shown = repr(v.get("split", "")) if v.get("split") else "empty"
-                rej.add(
-                    row,
-                    f"split {shown} is not one of {list(SPLITS)} (other rows have a split, so every row needs one)",
-                )
-                continue
-            v["split"] = split
-        good.append(row)
-
-    # ---- classes and label checks (the cohort as a whole)
-    labels_seen: dict[str, list[int]] = defaultdict(list)
-    for row in good:
-        labels_seen[row.values["label"]].append(row.line)
-    if classes is not None:
-        classes = [str(c) for c in classes]
-        allowed = set(classes)
-        kept_rows = []
-        for row in good:
-            label = row.values["label"]
-            if label in allowed:
-                kept_rows.append(row)
-                continue
-            near = _closest(label, classes)
-            hint = f"; did you mean {near!r}?" if near else " (set `classes` in the config)"
-            rej.add(row, f"unknown label {label!r}; allowed labels are {classes}{hint}")
-        good = kept_rows
-    elif not partial:
-        _check_confusable(p, labels_seen)
-        if has_split:
-            train_labels = {r.values["label"] for r in good if r.values["split"] == "train"}
-            if not train_labels and good:
-                raise ManifestError(
-                    f"manifest {p} has no usable row in the train split; the classes are the labels of the "
-                    "training slides (mark training rows with split=train)"
-                )
-            unseen: dict[str, list[int]] = defaultdict(list)
-            for row in good:
-                if row.values["label"] not in train_labels:
-                    unseen[row.values["label"]].append(row.line)
-            if unseen:
-                parts = "; ".join(f"{lab!r} ({_lines_text(lines)})" for lab, lines in sorted(unseen.items()))
-                raise ManifestError(
-                    f"manifest {p}: label(s) {parts} appear in val/test rows but never in the train split, whose "
-                    f"labels are {sorted(train_labels, key=_label_sort_key)}. Fix the typo, move some of those "
-                    "slides to train, or list the classes in the config (`classes`)"
-                )
-            classes = sorted(train_labels, key=_label_sort_key)
-        else:
-            classes = sorted(labels_seen, key=_label_sort_key)
-    else:
-        classes = sorted(labels_seen, key=_label_sort_key)
-
+    good = _valid_rows(_uniquely_named(rows, rej), rej, has_split)
+    classes, good = _classes(p, good, rej, classes, has_split=has_split, partial=partial)
     if not good:
         detail = "; ".join(rej.by_line[n] for n in sorted(rej.by_line)[:_MAX_LISTED])
         raise ManifestError(f"manifest {p} has no usable slide. {detail}")
 
-    # ---- the table
     extra = [c for c in header if c not in (*REQUIRED_COLUMNS, "split", "mpp", "label_index")]
     class_index = {c: i for i, c in enumerate(classes)}
     df = pd.DataFrame(
@@ -476,30 +367,9 @@ def read_manifest(
     )
     df["label_index"] = df["label_index"].astype(int)
     df["mpp"] = df["mpp"].astype(float)
-    notes: list[str] = []
-    if not has_split:
+    notes = [] if partial else _fill_splits(df, has_split, seed, val_fraction, test_fraction)
+    if partial and not has_split:
         df["split"] = _stratified_split(df["label_index"].to_numpy(), seed, val_fraction, test_fraction)
-        if not partial:
-            df[SPLIT_SOURCE] = (
-                f"seeded split (val_fraction={val_fraction}, test_fraction={test_fraction}, seed={seed})"
-            )
-    elif not partial and not (df["split"] == "val").any():
-        n_train = int((df["split"] == "train").sum())
-        before = df["split"].copy()
-        moved = _carve_val(df, seed, val_fraction)
-        if SPLIT_SOURCE not in df:
-            df[SPLIT_SOURCE] = "manifest"
-        df.loc[before != df["split"], SPLIT_SOURCE] = (
-            f"carved from train (val_fraction={val_fraction}, seed={seed})"
-        )
-        if moved:
-            notes.append(
-                f"the manifest's split column has no val rows: carved a stratified validation split of {moved} "
-                f"of the {n_train} training slides (val_fraction={val_fraction}, seed={seed}); the test rows "
-                "are unchanged"
-            )
-    if not partial and SPLIT_SOURCE not in df:
-        df[SPLIT_SOURCE] = "manifest"
     for note in notes:
         log.info("%s: %s", p.name, note)
     return Manifest(
@@ -510,6 +380,163 @@ def read_manifest(
         rejected=dict(sorted(rej.by_line.items())),
         notes=notes,
     )
+
+
+def _uniquely_named(rows: list[_Row], rej: _Rejections) -> list[_Row]:
+    """The rows with a safe slide id that no other row shares (ignoring letter case); the others rejected.
+
+    Uniqueness is over every row that names a slide, whatever else is wrong with it: a rejected row must never
+    share its id (its key in ``errors``, its file names) with a slide that is kept.
+    """
+    named: list[_Row] = []
+    for row in rows:
+        sid = row.values["slide_id"]
+        if not sid:
+            rej.add(row, "empty slide_id; every row needs one")
+        elif (why := slide_id_problem(sid)) is not None:
+            rej.add(row, f"slide id {sid!r} {why}; rename the slide in the manifest")
+        else:
+            named.append(row)
+    by_key: dict[str, list[_Row]] = defaultdict(list)
+    for row in named:
+        by_key[id_key(row.values["slide_id"])].append(row)
+    unique: list[_Row] = []
+    for row in named:
+        group = by_key[id_key(row.values["slide_id"])]
+        if len(group) == 1:
+            unique.append(row)
+            continue
+        ids = sorted({r.values["slide_id"] for r in group})
+        lines = [r.line for r in group]
+        rej.add(
+            row,
+            f"duplicate slide_id on CSV lines {lines}; slide ids must be unique"
+            if len(ids) == 1
+            else f"slide ids {ids} on CSV lines {lines} differ only by letter case and would share one file "
+            "on a case-insensitive filesystem; slide ids must be unique",
+        )
+    return unique
+
+
+def _valid_rows(rows: list[_Row], rej: _Rejections, has_split: bool) -> list[_Row]:
+    """The rows whose path, label, µm/px and split are usable (splits normalised to lower case)."""
+    good: list[_Row] = []
+    for row in rows:
+        v = row.values
+        bad_column = _control_char_field(v)
+        raw_mpp = v.get("mpp", "")
+        split = v.get("split", "").lower()
+        if bad_column is not None:
+            rej.add(row, f"the {bad_column} field contains a control character")
+        elif (why := _path_problem(v["path"])) is not None:
+            rej.add(row, why)
+        elif not v["label"]:
+            rej.add(row, "empty label")
+        elif raw_mpp and not _positive(raw_mpp):
+            rej.add(row, f"mpp {raw_mpp!r} is not a positive number (µm per level-0 pixel, e.g. 0.25)")
+        elif has_split and split not in SPLITS:
+            shown = repr(v.get("split", "")) if v.get("split") else "empty"
+            rej.add(
+                row,
+                f"split {shown} is not one of {list(SPLITS)} (other rows have a split, so every row needs one)",
+            )
+        else:
+            if has_split:
+                v["split"] = split
+            good.append(row)
+    return good
+
+
+def _positive(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return bool(np.isfinite(value) and value > 0)
+
+
+def _classes(
+    p: Path,
+    rows: list[_Row],
+    rej: _Rejections,
+    classes: list[str] | None,
+    *,
+    has_split: bool,
+    partial: bool,
+) -> tuple[list[str], list[_Row]]:
+    """The classes and the rows whose label is one of them.
+
+    Given ``classes``: other labels are row errors (with the near class suggested). Otherwise the labels of the
+    training rows, after refusing labels written two ways and val/test labels unseen in training
+    (:class:`ManifestError`, naming labels and lines); for a ``partial`` manifest simply every label.
+    """
+    labels_seen: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        labels_seen[row.values["label"]].append(row.line)
+    if classes is not None:
+        names = [str(c) for c in classes]
+        kept = []
+        for row in rows:
+            label = row.values["label"]
+            if label in names:
+                kept.append(row)
+                continue
+            near = _closest(label, names)
+            hint = f"; did you mean {near!r}?" if near else " (set `classes` in the config)"
+            rej.add(row, f"unknown label {label!r}; allowed labels are {names}{hint}")
+        return names, kept
+    if partial or not has_split:
+        if not partial:
+            _check_confusable(p, labels_seen)
+        return sorted(labels_seen, key=_label_sort_key), rows
+    _check_confusable(p, labels_seen)
+    train_labels = {r.values["label"] for r in rows if r.values["split"] == "train"}
+    if not train_labels and rows:
+        raise ManifestError(
+            f"manifest {p} has no usable row in the train split; the classes are the labels of the training "
+            "slides (mark training rows with split=train)"
+        )
+    unseen: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        if row.values["label"] not in train_labels:
+            unseen[row.values["label"]].append(row.line)
+    if unseen:
+        parts = "; ".join(f"{lab!r} ({_lines_text(lines)})" for lab, lines in sorted(unseen.items()))
+        raise ManifestError(
+            f"manifest {p}: label(s) {parts} appear in val/test rows but never in the train split, whose labels "
+            f"are {sorted(train_labels, key=_label_sort_key)}. Fix the typo, move some of those slides to train, "
+            "or list the classes in the config (`classes`)"
+        )
+    return sorted(train_labels, key=_label_sort_key), rows
+
+
+def _fill_splits(
+    df: pd.DataFrame, has_split: bool, seed: int, val_fraction: float, test_fraction: float
+) -> list[str]:
+    """Make the splits a run needs (in place) and record where each row's split came from; returns notes."""
+    notes: list[str] = []
+    if not has_split:
+        df["split"] = _stratified_split(df["label_index"].to_numpy(), seed, val_fraction, test_fraction)
+        df[SPLIT_SOURCE] = (
+            f"seeded split (val_fraction={val_fraction}, test_fraction={test_fraction}, seed={seed})"
+        )
+        return notes
+    if SPLIT_SOURCE not in df:
+        df[SPLIT_SOURCE] = "manifest"
+    if (df["split"] == "val").any():
+        return notes
+    n_train = int((df["split"] == "train").sum())
+    before = df["split"].copy()
+    moved = _carve_val(df, seed, val_fraction)
+    df.loc[before != df["split"], SPLIT_SOURCE] = (
+        f"carved from train (val_fraction={val_fraction}, seed={seed})"
+    )
+    if moved:
+        notes.append(
+            f"the manifest's split column has no val rows: carved a stratified validation split of {moved} of "
+            f"the {n_train} training slides (val_fraction={val_fraction}, seed={seed}); the test rows are unchanged"
+        )
+    return notes
 
 
 def _check_confusable(p: Path, labels_seen: dict[str, list[int]]) -> None:
@@ -574,14 +601,6 @@ def check_trainable(manifest: Manifest, *, val_fraction: float | None = None) ->
             where,
             missing,
         )
-
-
-def rejected_summary(manifest: Manifest, limit: int = _MAX_LISTED) -> Iterable[str]:
-    """One line per rejected row (at most ``limit``, then a count), for logs and CLI output."""
-    items = list(manifest.rejected.values())
-    yield from items[:limit]
-    if len(items) > limit:
-        yield f"... and {len(items) - limit} more rejected row(s)"
 
 
 def read_run_manifest(cfg: ICMILConfig, path: str | os.PathLike[str], *, partial: bool = False) -> Manifest:

@@ -205,8 +205,8 @@ def _plan_slide(
             sid,
             f"the slide file {local} changed after it was tiled (digest recorded in {tiles_path.name}: "
             f"{tiles.slide_digest[:12]}..., the file now: {current[:12]}...)",
-            hint="re-run tiling, which re-tiles changed slides (`icmil tile`; in a run folder of `icmil couple` "
-            "or `icmil run`, start a new run folder), then embed again",
+            hint="run `icmil tile` again, it re-tiles slides whose file changed, then embed again; for a run "
+            "folder of `icmil couple` or `icmil run`, start a new run folder",
         )
     slide = open_slide(str(local), sid)  # fail early (missing/unsupported) instead of in every worker
     try:
