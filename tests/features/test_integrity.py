@@ -174,7 +174,9 @@ def test_a_slide_changed_after_tiling_is_refused_by_name_then_retiled(
     assert "2 embedded" in out and "1 failed" in out
     status = pd.read_csv(feats / "status.csv").set_index("slide_id")
     why = status.loc["slide_001", "error"]
-    assert "slide 'slide_001'" in why and "changed after it was tiled" in why and "run `icmil tile` again" in why
+    assert (
+        "slide 'slide_001'" in why and "changed after it was tiled" in why and "run `icmil tile` again" in why
+    )
     assert not (feats / "slide_001.h5").exists()
     # What the message says to do works: tiling again re-tiles just that slide, then embedding succeeds.
     assert main(["tile", "--manifest", str(cohort), "--out", str(tiles), *tiling]) == 0
