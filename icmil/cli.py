@@ -56,7 +56,10 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> ICMILConfig:
 def _manifest(cfg: ICMILConfig, path: Path) -> Any:
     from icmil.manifest import read_run_manifest
 
-    return read_run_manifest(cfg, path)
+    manifest = read_run_manifest(cfg, path)
+    for why in manifest.rejected.values():  # each names its CSV line
+        log.warning("manifest %s", why)
+    return manifest
 
 
 def _stores(args: argparse.Namespace, cfg: ICMILConfig, command: str, needs_registry: bool = True) -> Any:
@@ -162,6 +165,11 @@ def cmd_couple(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         extra.append(f"coupling.rounds={args.rounds}")
     cfg = _config(args, extra)
+    if not (Path(cfg.run_dir) / "manifest.csv").is_file():
+        from icmil.cohort import preflight_cohort
+
+        # Before the run folder is made: after fixing the manifest or a setting, the rerun starts clean.
+        preflight_cohort(cfg)
     summary = run_coupling(cfg)
     print(summary.to_string(index=False))
     _print_report(cfg.run_dir)

@@ -10,10 +10,10 @@ KFP's cache can reuse it across runs without depending on the (never cached) man
 Example:
     >>> import tempfile
     >>> from icmil.config import load_config
-    >>> cfg = load_config(None, ["synth.n_slides=4", "synth.width=768", "synth.height=512"])
+    >>> cfg = load_config(None, ["synth.n_slides=6", "synth.width=768", "synth.height=512"])
     >>> cohort = prepare_cohort(cfg, tempfile.mkdtemp(), n_shards=2)
     >>> len(cohort.shards), sorted(len(s.rows) for s in cohort.shards)
-    (2, [2, 2])
+    (2, [3, 3])
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any
 import pandas as pd
 
 from icmil.config import ICMILConfig
-from icmil.errors import ManifestError
+from icmil.errors import ManifestError, check_failure_fraction
 from icmil.io import atomic_path, file_digest, text_digest, write_json_atomic, write_text_atomic
 from icmil.log import get_logger
-from icmil.manifest import read_run_manifest
+from icmil.manifest import Manifest, check_trainable, read_run_manifest
 
 log = get_logger("cohort")
 
@@ -98,6 +98,10 @@ def slide_fingerprint(path: str) -> str:
         except Exception as err:  # any boto/botocore failure: the tile stage reports it per slide
             log.warning("cannot fingerprint %s: %s", path, err)
             return "missing"
+    if os.path.isdir(path):
+        # A DICOM-WSI slide: one file per level (and per associated image) in one folder.
+        files = sorted(f for f in Path(path).iterdir() if f.is_file())
+        return f"sha256-dir:{text_digest([(f.name, file_digest(f)) for f in files])}"
     if not os.path.isfile(path):
         return "missing"
     return f"sha256:{file_digest(path)}"
@@ -105,7 +109,11 @@ def slide_fingerprint(path: str) -> str:
 
 def _slide_size(path: str) -> int:
     try:
-        return os.path.getsize(path) if not path.startswith("s3://") else 0
+        if path.startswith("s3://"):
+            return 0
+        if os.path.isdir(path):
+            return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+        return os.path.getsize(path)
     except OSError:
         return 0
 
@@ -132,6 +140,48 @@ def _portable_path(path: str, base: Path) -> str:
         return path
 
 
+def check_cohort(cfg: ICMILConfig, manifest_csv: str | os.PathLike[str]) -> Manifest:
+    """Every check of a training cohort, in seconds and before anything expensive; returns the manifest.
+
+    The manifest's own checks (ids, labels, splits; each rejected row is logged with its CSV line), a train
+    split with two or more classes and a non-empty val split (:func:`~icmil.manifest.check_trainable`), and
+    rejected rows plus missing local slide files within ``tiling.max_failed_fraction`` (past it the tile
+    stage would fail anyway, after tiling everything else).
+    """
+    m = read_run_manifest(cfg, manifest_csv)
+    for line in sorted(m.rejected):
+        log.warning("manifest %s", m.rejected[line])
+    check_trainable(m, val_fraction=cfg.val_fraction)
+    missing = {
+        str(sid): f"slide file not found: {path}"
+        for sid, path in zip(m.slides["slide_id"], m.slides["path"], strict=True)
+        if not str(path).startswith("s3://") and not os.path.exists(path)
+    }
+    check_failure_fraction(
+        "manifest check",
+        {**m.errors, **missing},
+        len(m.slides) + len(m.errors),
+        cfg.tiling.max_failed_fraction,
+    )
+    return m
+
+
+def preflight_cohort(cfg: ICMILConfig) -> None:
+    """:func:`check_cohort` on ``cfg.manifest`` before a pipeline starts (nothing to check for a synthetic
+    cohort); an ``s3://`` manifest is fetched into a temporary folder first. Writes nothing."""
+    if cfg.manifest is None:
+        return
+    if cfg.manifest.startswith("s3://"):
+        import tempfile
+
+        from icmil.slides import localize
+
+        with tempfile.TemporaryDirectory(prefix="icmil-preflight-") as tmp:
+            check_cohort(cfg, localize(cfg.manifest, Path(tmp)))
+        return
+    check_cohort(cfg, cfg.manifest)
+
+
 def prepare_cohort(
     cfg: ICMILConfig,
     out_dir: str | os.PathLike[str],
@@ -143,7 +193,10 @@ def prepare_cohort(
     ``manifest`` overrides ``cfg.manifest`` (the pipeline parameter of the same name). Writes
     ``out_dir/manifest.csv`` (resolved), ``out_dir/shards.json`` and ``out_dir/manifest_errors.json``; a
     synthetic cohort goes to ``out_dir/synth/``. Rows the manifest reader rejected are listed in ``errors``
-    and left out of every shard.
+    (and logged with their CSV line) and left out of every shard.
+
+    All cohort checks (:func:`check_cohort`) run first; nothing is written when they fail, so a rerun checks
+    again.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +212,7 @@ def prepare_cohort(
         source_path = localize(source, out / "source")
     else:
         source_path = Path(source)
-    m = read_run_manifest(cfg, source_path)
+    m = check_cohort(cfg, source_path)
     slides = m.slides.copy()
     slides["path"] = [_portable_path(p, out) for p in slides["path"]]
     manifest_csv = write_text_atomic(out / MANIFEST_NAME, slides.to_csv(index=False))
@@ -190,8 +243,6 @@ def prepare_cohort(
         shards.append(Shard(index=index, rows=rows))
     write_json_atomic(out / SHARDS_NAME, [json.loads(s.to_json()) for s in shards])
     write_json_atomic(out / "manifest_errors.json", m.errors)
-    for sid, why in sorted(m.errors.items()):
-        log.warning("manifest row %s left out: %s", sid, why)
     log.info(
         "cohort: %d slides (%s), %d shard(s), %d manifest row(s) rejected",
         len(slides),

@@ -71,6 +71,19 @@ class TilingConfig(_Section):
     min_tissue_area_um2: float = Field(20_000.0, ge=0, description="drop tissue components smaller than this")
     min_hole_area_um2: float = Field(4_000.0, ge=0, description="fill holes smaller than this")
     max_failed_fraction: float = Field(0.1, ge=0, le=1, description="stage fails above this fraction")
+    # Work bounds per slide: a corrupt or lying header must not cost minutes before it is reported.
+    mask_max_pixels: int = Field(
+        256_000_000,
+        ge=1_000_000,
+        description="largest level read whole for the tissue mask; a slide whose smallest level is larger "
+        "(no pyramid) is refused",
+    )
+    max_pixels_per_byte: float = Field(
+        5000.0,
+        gt=0,
+        description="level-0 pixels per byte of slide file above which the slide is reported as corrupt "
+        "(real scans store far more than 1/5000 byte per pixel, even blank glass)",
+    )
 
     @field_validator("median_blur")
     @classmethod

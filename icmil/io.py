@@ -15,9 +15,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +39,9 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else ".tmp", dir=target.parent
+        prefix=f".{target.name}.tmp-{os.getpid()}-{_host_token()}-",
+        suffix=suffix if suffix is not None else ".tmp",
+        dir=target.parent,
     )
     os.close(fd)
     # mkstemp creates 0600 files; outputs are shared (other users, pods on a shared volume): honour the umask.
@@ -49,6 +54,64 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+# ``.<target>.tmp-<pid>-<host token>-<random><suffix>``: the owner is in the name, so a later run can tell a
+# temporary file whose writer died (kill -9, OOM, power loss) from one another process is writing right now.
+_TEMP_NAME = re.compile(
+    r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?$"
+)
+
+
+@functools.cache
+def _host_token() -> str:
+    """This machine *and* PID namespace: PIDs are only comparable inside one namespace (containers)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's process) or we cannot tell: keep its file
+    return True
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``directory`` when its writer was killed.
+
+    Only our own temporary names are touched, and only when their writer process ran on this machine (same
+    host and PID namespace) and no longer exists; a file written right now by another run is never removed.
+    Returns the removed paths.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / f".s1.h5.tmp-999999999-{_host_token()}-abcd1234.h5").write_text("half")
+    >>> [p.name.split(".tmp-")[0] for p in remove_stale_temp_files(d)]
+    ['.s1.h5']
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    removed = []
+    me, host = os.getpid(), _host_token()
+    for entry in root.iterdir():
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or m.group("host") != host or not entry.is_file() or entry.is_symlink():
+            continue
+        pid = int(m.group("pid"))
+        if pid == me or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another cleaner got there first
+            entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 def _umask() -> int:

@@ -211,7 +211,8 @@ def tile_stage(
     if (done := _skip(marker, "tile", None)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = read_run_manifest(cfg, manifest_csv)
+    # A shard's rows are a part of the resolved manifest: its labels and splits were checked when it was made.
+    manifest = read_run_manifest(cfg, manifest_csv, partial=shard is not None)
     with _tracker(tracker).stage("tile", None) as run:
         run.log_params(
             {
@@ -308,7 +309,7 @@ def embed_stage(
     if (done := _skip(marker, "embed", round_index)) is not None:
         return done
     t0 = time.perf_counter()
-    manifest = read_run_manifest(cfg, manifest_csv)
+    manifest = read_run_manifest(cfg, manifest_csv, partial=shard is not None)
     with _tracker(tracker).stage("embed", round_index) as run:
         encoder = _load_encoder_or_initial(cfg, encoder_dir, manifest_csv, tiles_dir)
         run.log_params(

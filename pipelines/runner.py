@@ -272,6 +272,10 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     cfg = cfg.model_copy(update={"run_dir": run_dir})
     if cfg.manifest and not cfg.manifest.startswith("s3://"):
         cfg = cfg.model_copy(update={"manifest": str(Path(cfg.manifest).resolve())})
+    # A bad cohort fails here in seconds with its own message, not as a failed task inside the pipeline.
+    from icmil.cohort import preflight_cohort
+
+    preflight_cohort(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir)
     tracking_uri = resolve_tracking_uri(cfg)

@@ -6,8 +6,11 @@ between slides. The model runs under ``torch.inference_mode``; on CUDA with auto
 channels_last and pinned, non-blocking uint8 copies (normalisation happens on the device).
 
 Resume: a slide is skipped when its features file exists with the same slide digest, tiles digest, encoder
-digest and settings digest (all stored as attrs). A bad slide is recorded in the status CSV with its
-``SlideError`` and the others go on; :class:`StageFailed` only past ``cfg.max_failed_fraction``.
+digest and settings digest (all stored as attrs) and its content still matches the checksum stored in it (a
+corrupt file is embedded again). Temporary files left by a killed run are removed first. A slide whose file
+changed after it was tiled fails, naming the slide: its patch grid belongs to the old bytes. A bad slide is
+recorded in the status CSV with its ``SlideError`` and the others go on; :class:`StageFailed` only past
+``cfg.max_failed_fraction``.
 
 Example:
     >>> report = embed_manifest(manifest, "run/tiles", "run/round_0/features", encoder, EmbedConfig())  # doctest: +SKIP
@@ -33,10 +36,11 @@ from tqdm import tqdm
 from icmil.config import EmbedConfig
 from icmil.errors import FeatureStoreError, ICMILError, SlideError, check_failure_fraction
 from icmil.features.encoders import PatchEncoder
-from icmil.features.store import CACHE_KEYS, FeatureWriter, read_feature_attrs
-from icmil.io import file_digest, text_digest, write_text_atomic
+from icmil.features.store import CACHE_KEYS, FeatureWriter, read_feature_attrs, verify_features
+from icmil.io import file_digest, remove_stale_temp_files, text_digest, write_text_atomic
 from icmil.log import get_logger, progress
 from icmil.manifest import Manifest
+from icmil.slide_ids import slide_file
 from icmil.slides.patches import SlideSource, patch_loader
 
 log = get_logger("embed")
@@ -174,10 +178,11 @@ def _plan_slide(
     row: pd.Series, tiles_dir: Path, out_dir: Path, cache_dir: Path | None, base_attrs: dict[str, Any]
 ) -> tuple[SlideSource, dict[str, Any], Path]:
     """Validate one slide and compute its cache key; raises SlideError with what to do."""
-    from icmil.slides import localize, open_slide, read_tiles
+    from icmil.slides import localize, open_slide, read_tiles, slide_digest
 
     sid = str(row["slide_id"])
-    tiles_path = tiles_dir / f"{sid}.h5"
+    tiles_path = slide_file(tiles_dir, sid, ".h5")
+    out_path = slide_file(out_dir, sid, ".h5")
     if not tiles_path.is_file():
         raise SlideError(
             sid, f"no tiles file {tiles_path}", hint="run `icmil tile` first; see the tiling status.csv"
@@ -193,6 +198,16 @@ def _plan_slide(
             hint="check the tissue mask settings (tiling.*)",
         )
     local = localize(str(row["path"]), cache_dir, sid)
+    current = slide_digest(local)
+    if tiles.slide_digest and tiles.slide_digest != current:
+        # The patch grid was made for other bytes: embedding it would read the wrong places (or fail later).
+        raise SlideError(
+            sid,
+            f"the slide file {local} changed after it was tiled (digest recorded in {tiles_path.name}: "
+            f"{tiles.slide_digest[:12]}..., the file now: {current[:12]}...)",
+            hint="run `icmil tile` again, it re-tiles slides whose file changed, then embed again; for a run "
+            "folder of `icmil couple` or `icmil run`, start a new run folder",
+        )
     slide = open_slide(str(local), sid)  # fail early (missing/unsupported) instead of in every worker
     try:
         if tiles.read_level >= slide.level_count:
@@ -203,27 +218,35 @@ def _plan_slide(
             )
     finally:
         slide.close()
-    slide_digest = getattr(tiles, "slide_digest", "") or file_digest(local)
     attrs = base_attrs | {
         "slide_id": sid,
-        "slide_digest": slide_digest,
+        "slide_digest": tiles.slide_digest or current,
         "tiles_digest": file_digest(tiles_path),
         "patch_size": int(tiles.patch_size),
         "target_mpp": float(getattr(tiles, "target_mpp", float("nan"))),
         "read_level": int(tiles.read_level),
         "read_size": int(tiles.read_size),
     }
-    return SlideSource(sid, str(local), tiles), attrs, out_dir / f"{sid}.h5"
+    return SlideSource(sid, str(local), tiles), attrs, out_path
 
 
 def _is_cached(out_path: Path, attrs: dict[str, Any]) -> bool:
+    """Whether ``out_path`` holds these features already: same cache keys and content matching its checksum."""
     if not out_path.is_file():
         return False
     try:
         have = read_feature_attrs(out_path)
     except FeatureStoreError:
         return False  # unreadable: recompute (the write is atomic, so this is an outside edit)
-    return all(str(have.get(k)) == str(attrs.get(k)) for k in CACHE_KEYS)
+    if not all(str(have.get(k)) == str(attrs.get(k)) for k in CACHE_KEYS):
+        return False
+    try:
+        verify_features(out_path)
+    except FeatureStoreError as err:
+        # Bit rot, a bad copy or an edit: never reuse it. Writing the new file replaces it atomically.
+        log.warning("%s; embedding slide %r again", err, attrs.get("slide_id"))
+        return False
+    return True
 
 
 def embed_manifest(
@@ -250,6 +273,8 @@ def embed_manifest(
     t_start = time.perf_counter()
     tiles_root, out_root = Path(tiles_dir), Path(out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temp_files(out_root):
+        log.info("removed %s, a temporary file left by an interrupted run", stale)
     cache = Path(cache_dir) if cache_dir is not None else None
     device = resolve_device(cfg.device)
     encoder_digest = encoder.digest()

@@ -2,7 +2,9 @@
 
 Layout: ``features`` (N x D float32, chunks ``(min(1024, N), D)`` — row-at-a-time chunks read ~10x slower),
 ``coords`` (N x 2 int64, level-0 top-left ``x, y``), and file attrs ``encoder_name``, ``encoder_digest``,
-``slide_id``, ``slide_digest``, ``tiles_digest``, ``patch_size``, ``target_mpp``, ``settings_digest``.
+``slide_id``, ``slide_digest``, ``tiles_digest``, ``patch_size``, ``target_mpp``, ``settings_digest`` and
+``content_sha256`` (the features and coords as written; :func:`verify_features` checks it before a finished
+file is reused).
 Files made by CLAM or TRIDENT (no attrs, sometimes a leading batch axis) read fine with :func:`read_features`.
 
 Example:
@@ -17,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +35,27 @@ from icmil.io import atomic_path
 
 # Keys whose equality makes an existing features file reusable (see icmil.features.embed).
 CACHE_KEYS = ("slide_digest", "tiles_digest", "encoder_digest", "settings_digest")
+# File attr holding the SHA-256 of the features and coords as written (see :func:`verify_features`).
+CHECKSUM_ATTR = "content_sha256"
+_VERIFY_ROWS = 1024  # rows hashed per read when verifying: one HDF5 chunk
+
+
+class _ContentHash:
+    """SHA-256 of a features file's content: the features and coords rows in order, and their shapes."""
+
+    def __init__(self) -> None:
+        self._features = hashlib.sha256()
+        self._coords = hashlib.sha256()
+        self.rows = 0
+
+    def update(self, features: np.ndarray, coords: np.ndarray) -> None:
+        self._features.update(np.ascontiguousarray(features, dtype="<f4").tobytes())
+        self._coords.update(np.ascontiguousarray(coords, dtype="<i8").tobytes())
+        self.rows += len(features)
+
+    def hexdigest(self, dim: int) -> str:
+        text = f"icmil-features-content/1|{self.rows}|{dim}|{self._features.hexdigest()}|{self._coords.hexdigest()}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -95,6 +119,7 @@ class FeatureWriter:
         self.path = Path(path)
         self.n_max, self.dim, self.n = int(n_max), int(dim), 0
         self._attrs = dict(attrs)
+        self._hash = _ContentHash()
         self._cm: contextlib.AbstractContextManager[Path] = atomic_path(self.path, suffix=".h5")
         tmp = self._cm.__enter__()
         try:
@@ -126,8 +151,11 @@ class FeatureWriter:
             return
         if self.n + k > self.n_max:
             raise FeatureStoreError(f"{self.path}: more rows than announced ({self.n + k} > {self.n_max})")
-        self._feats[self.n : self.n + k] = np.asarray(features, dtype=np.float32)
-        self._coords[self.n : self.n + k] = np.asarray(coords, dtype=np.int64)
+        feats = np.asarray(features, dtype=np.float32)
+        xy = np.asarray(coords, dtype=np.int64)
+        self._feats[self.n : self.n + k] = feats
+        self._coords[self.n : self.n + k] = xy
+        self._hash.update(feats, xy)
         self.n += k
 
     def commit(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
@@ -135,7 +163,8 @@ class FeatureWriter:
         if self.n < self.n_max:
             self._feats.resize((self.n, self.dim))
             self._coords.resize((self.n, 2))
-        _set_attrs(self._h5, self._attrs | dict(extra_attrs or {}))
+        checksum = {CHECKSUM_ATTR: self._hash.hexdigest(self.dim)}
+        _set_attrs(self._h5, self._attrs | dict(extra_attrs or {}) | checksum)
         self._h5.close()
         self._open = False
         self._cm.__exit__(None, None, None)
@@ -181,6 +210,40 @@ def read_feature_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
             return {k: _decode(v) for k, v in h5.attrs.items()}
     except (OSError, KeyError) as err:
         raise FeatureStoreError(f"features file {p} is not a readable HDF5 file: {err}") from None
+
+
+def verify_features(path: str | os.PathLike[str]) -> None:
+    """Check a features file against the checksum stored when it was written; ``FeatureStoreError`` if it
+    does not match (flipped bits, a truncated or edited file) or the file has no checksum to check.
+
+    Reads the whole file, chunk by chunk: use it before trusting a finished output, not on every read.
+
+    >>> import numpy as np, tempfile, pathlib
+    >>> p = write_features(pathlib.Path(tempfile.mkdtemp()) / "s.h5", np.ones((2, 3)), np.zeros((2, 2)), {})
+    >>> verify_features(p)
+    """
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as h5:
+            stored = h5.attrs.get(CHECKSUM_ATTR)
+            if stored is None:
+                raise FeatureStoreError(
+                    f"features file {p} has no content checksum, so it cannot be verified"
+                )
+            feats, coords = h5["features"], h5["coords"]
+            content = _ContentHash()
+            for start in range(0, feats.shape[0], _VERIFY_ROWS):
+                stop = start + _VERIFY_ROWS
+                content.update(feats[start:stop], coords[start:stop])
+            actual = content.hexdigest(int(feats.shape[1]))
+    except FeatureStoreError:
+        raise
+    except (OSError, KeyError, ValueError, IndexError) as err:
+        raise FeatureStoreError(f"features file {p} cannot be read: {type(err).__name__}: {err}") from None
+    if _decode(stored) != actual:
+        raise FeatureStoreError(
+            f"features file {p} is corrupt: its content does not match the checksum stored when it was written"
+        )
 
 
 def read_features(path: str | os.PathLike[str]) -> FeatureBag:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,53 @@ def _looks_like_text(head: bytes) -> bool:
     return True
 
 
+def _slide_files(folder: Path) -> list[Path]:
+    """The files of a folder slide, sorted; hidden files (``.DS_Store``, our temporary files) are not part of it."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
+def dicom_entry(folder: str | os.PathLike[str], slide_id: str) -> Path:
+    """The file OpenSlide opens for a DICOM-WSI slide stored as a folder (one file per pyramid level and per
+    associated image): the first whole-slide-image DICOM file in it; OpenSlide then reads every file of the
+    same series in that folder. Put one slide (one series) in each folder.
+
+    >>> import tempfile
+    >>> dicom_entry(tempfile.mkdtemp(), "s1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    icmil.errors.SlideError: slide 's1': ... is a directory with no DICOM file in it (...)
+    """
+    p = Path(folder)
+    dicom = []
+    for f in _slide_files(p):
+        try:
+            with f.open("rb") as fh:
+                head = fh.read(132)
+        except OSError:
+            continue
+        if head[128:132] == b"DICM":  # the DICOM Part 10 preamble
+            dicom.append(f)
+    for f in dicom:
+        if openslide.OpenSlide.detect_format(str(f)) == "dicom":
+            return f
+    if dicom:
+        raise SlideError(
+            slide_id,
+            f"{p} holds {len(dicom)} DICOM file(s) but none is a whole-slide image OpenSlide can read "
+            "(VL Whole Slide Microscopy Image)",
+            "point the manifest at the folder of the slide's DICOM-WSI files",
+        )
+    raise SlideError(
+        slide_id,
+        f"{p} is a directory with no DICOM file in it",
+        "point the manifest at the slide file itself; a folder is read as one DICOM-WSI slide",
+    )
+
+
 def open_slide(path: str | os.PathLike[str], slide_id: str) -> openslide.OpenSlide:
-    """Open a local slide file with OpenSlide, turning every failure into a :class:`SlideError`.
+    """Open a local slide with OpenSlide, turning every failure into a :class:`SlideError`.
+
+    ``path`` is a slide file or a folder holding one DICOM-WSI slide (:func:`dicom_entry`).
 
     Uses ``openslide.OpenSlide`` directly: ``openslide.open_slide`` falls back to PIL and would accept any
     PNG as a one-level "slide". The path is checked first because OpenSlide reports a missing file, an empty
@@ -297,9 +343,7 @@ def open_slide(path: str | os.PathLike[str], slide_id: str) -> openslide.OpenSli
     if not p.exists():
         raise SlideError(slide_id, f"file not found: {p}", "check the path in the manifest")
     if p.is_dir():
-        raise SlideError(
-            slide_id, f"{p} is a directory, not a slide file", "point the manifest at the slide file itself"
-        )
+        p = dicom_entry(p, slide_id)
     size = p.stat().st_size
     if size == 0:
         raise SlideError(slide_id, f"{p} is empty (0 bytes)", "the copy or download was probably interrupted")
@@ -386,12 +430,17 @@ def slide_mpp(slide: openslide.OpenSlide, slide_id: str, override: float | None)
     raise SlideError(slide_id, "the slide has no µm/px in its metadata", _MPP_HINT)
 
 
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def slide_digest(path: str | os.PathLike[str], samples: int = 16, block: int = 1 << 20) -> str:
-    """A content key for a slide file that costs milliseconds even for a multi-GB slide.
+    """A content key for a slide file (or a DICOM-WSI folder) that costs milliseconds even for a multi-GB slide.
 
     SHA-256 over the size and ``samples`` evenly spaced 1-MiB blocks (head and tail included); files up to
     ``samples`` MiB are hashed whole. Slides are written once and replaced as a whole, never edited in place,
     so sampled blocks identify a file; a full hash of a 3 GB slide would cost seconds per slide on every rerun.
+    A folder's key covers the name and key of each of its files. Memoised per (path, size, mtime) within the
+    process, so checking it again before each read costs a ``stat``.
 
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.bin"
@@ -400,7 +449,16 @@ def slide_digest(path: str | os.PathLike[str], samples: int = 16, block: int = 1
     64
     """
     p = Path(path)
-    size = p.stat().st_size
+    if p.is_dir():
+        h = hashlib.sha256(b"icmil-slide-folder-v1:")
+        for f in _slide_files(p):
+            h.update(f"{f.name}:{slide_digest(f, samples, block)};".encode())
+        return h.hexdigest()
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, samples, block)
+    if (known := _DIGESTS.get(key)) is not None:
+        return known
+    size = st.st_size
     h = hashlib.sha256(f"icmil-slide-v1:{size}:".encode())
     with p.open("rb") as fh:
         if size <= samples * block:
@@ -411,4 +469,8 @@ def slide_digest(path: str | os.PathLike[str], samples: int = 16, block: int = 1
             for i in range(samples):
                 fh.seek(round(i * step))
                 h.update(fh.read(block))
-    return h.hexdigest()
+    digest = h.hexdigest()
+    # Like git's "racy" rule: a file modified in the last seconds may change again within the same mtime tick.
+    if time.time_ns() - st.st_mtime_ns > 2_000_000_000:
+        _DIGESTS[key] = digest
+    return digest

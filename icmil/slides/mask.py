@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -46,23 +47,40 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 
 
 def thumbnail_level(
-    level_downsamples: tuple[float, ...] | list[float], slide_mpp: float, mask_mpp: float
+    level_downsamples: tuple[float, ...] | list[float],
+    slide_mpp: float,
+    mask_mpp: float,
+    level_pixels: Sequence[int] | None = None,
+    max_pixels: int | None = None,
 ) -> int:
     """The coarsest level that is still at least as fine as ``mask_mpp`` (1 % tolerance); level 0 if none.
 
+    With ``level_pixels`` and ``max_pixels``, a level above that pixel budget gives way to the finest level
+    within it (a coarser mask, read in bounded time); if no level fits, the preferred one is returned and the
+    caller decides (:func:`read_thumbnail` refuses it).
+
     >>> thumbnail_level((1.0, 4.0, 16.0, 64.0), 0.5, 8.0)
+    2
+    >>> thumbnail_level((1.0, 4.0, 16.0), 0.5, 2.0, level_pixels=(16e8, 1e8, 6.25e6), max_pixels=5e7)
     2
     """
     best = 0
     for level, d in enumerate(level_downsamples):
         if slide_mpp * d <= mask_mpp * 1.01:
             best = level if d >= level_downsamples[best] else best
+    if level_pixels is not None and max_pixels is not None and level_pixels[best] > max_pixels:
+        fitting = [lv for lv, n in enumerate(level_pixels) if n <= max_pixels]
+        if fitting:
+            best = max(fitting, key=lambda lv: level_pixels[lv])
     return best
 
 
-def read_thumbnail(slide: openslide.OpenSlide, slide_mpp: float, mask_mpp: float) -> Thumbnail:
+def read_thumbnail(
+    slide: openslide.OpenSlide, slide_mpp: float, mask_mpp: float, max_pixels: int | None = None
+) -> Thumbnail:
     """Read the whole slide at about ``mask_mpp`` µm/px from the best pyramid level, never from level 0 of
     a large slide unless it has no coarser level; a level much larger than the thumbnail is read in strips.
+    ``max_pixels`` bounds the level read (see :func:`thumbnail_level`); ``ValueError`` when no level fits.
 
     >>> import tempfile, pathlib
     >>> from icmil.config import SynthConfig
@@ -74,8 +92,14 @@ def read_thumbnail(slide: openslide.OpenSlide, slide_mpp: float, mask_mpp: float
     ((128, 256, 3), 2, 8.0)
     """
     w0, h0 = slide.dimensions
-    level = thumbnail_level(slide.level_downsamples, slide_mpp, mask_mpp)
+    pixels = [lw * lh for lw, lh in slide.level_dimensions]
+    level = thumbnail_level(slide.level_downsamples, slide_mpp, mask_mpp, pixels, max_pixels)
     lw, lh = slide.level_dimensions[level]
+    if max_pixels is not None and lw * lh > max_pixels:
+        raise ValueError(
+            f"the smallest level is {lw}x{lh} px ({lw * lh / 1e6:.0f} Mpx), above the {max_pixels / 1e6:.0f} Mpx "
+            "budget for the tissue mask"
+        )
     d = slide.level_downsamples[level]
     scale = min(1.0, slide_mpp * d / mask_mpp)  # thumbnail px per level px (never upsample)
     tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))

@@ -102,6 +102,7 @@ class PatchReader:
 
     def _slide(self) -> openslide.OpenSlide:
         if self._handle is None or self._pid != os.getpid():
+            self._check_unchanged()
             self._handle = _open(self.slide_path, self.slide_id)
             self._pid = os.getpid()
             if self.level >= self._handle.level_count:
@@ -112,6 +113,22 @@ class PatchReader:
                 )
             self._step = round(self.read_size * float(self._handle.level_downsamples[self.level]))
         return self._handle
+
+    def _check_unchanged(self) -> None:
+        """The tiles were made for particular slide bytes; reading a replaced file would give wrong patches."""
+        expected = str(getattr(self.tiles, "slide_digest", "") or "")
+        if not expected or not os.path.exists(self.slide_path):
+            return  # no digest recorded (foreign tiles), or missing: opening reports that
+        from icmil.slides.access import slide_digest
+
+        current = slide_digest(self.slide_path)
+        if current != expected:
+            raise SlideError(
+                self.slide_id,
+                f"the slide file {self.slide_path} changed after it was tiled (tiles record digest "
+                f"{expected[:12]}..., the file now has {current[:12]}...)",
+                hint="re-run tiling, which re-tiles changed slides, then the stages after it",
+            )
 
     def reopen(self) -> None:
         """Drop the (possibly broken) handle and open the slide again."""

@@ -3,9 +3,14 @@
 Output per slide (``out_dir/<slide_id>.h5``): dataset ``coords`` (N x 2 int64, level-0 top-left x, y) with
 attrs ``patch_level`` (the level patches are read from), ``patch_size`` (output edge), ``read_size`` (edge read
 at that level), ``slide_mpp``, ``target_mpp``, ``slide_path`` (as given in the manifest), ``slide_id``,
-``slide_digest``, ``settings_digest`` plus CLAM's ``downsample``, ``level_dim`` and ``name``. Next to it
-``<slide_id>.png``, a small overlay of the tissue mask and kept patches for eyeballing the tiling.
-``status.csv`` lists every manifest row: ok / error, patch count, error text, seconds.
+``slide_digest``, ``settings_digest``, ``content_sha256`` (checked by :func:`read_tiles`; a corrupt file is
+tiled again) plus CLAM's ``downsample``, ``level_dim`` and ``name``. Next to it ``<slide_id>.png``, a small
+overlay of the tissue mask and kept patches for eyeballing the tiling. ``status.csv`` lists every manifest row:
+ok / error, patch count, error text, seconds.
+
+Work per slide is bounded before any pixel is read (:func:`check_dimensions`): a header claiming more pixels
+than the file can hold is a corrupt slide, and the mask never reads a level above ``tiling.mask_max_pixels``.
+Temporary files left in the output folder by a killed run are removed first.
 
 Example:
     >>> import tempfile, pathlib
@@ -21,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -30,13 +37,15 @@ from pathlib import Path
 import cv2
 import h5py
 import numpy as np
+import openslide
 import pandas as pd
 
 from icmil.config import TilingConfig
 from icmil.errors import FeatureStoreError, SlideError, check_failure_fraction
-from icmil.io import atomic_path, text_digest, write_text_atomic
+from icmil.io import atomic_path, remove_stale_temp_files, text_digest, write_text_atomic
 from icmil.log import get_logger, progress
 from icmil.manifest import Manifest
+from icmil.slide_ids import slide_file
 from icmil.slides.access import localize, open_slide, slide_digest, slide_mpp
 from icmil.slides.grid import LevelChoice, choose_read_level, patch_grid
 from icmil.slides.mask import Thumbnail, read_thumbnail, tissue_mask
@@ -44,6 +53,7 @@ from icmil.slides.mask import Thumbnail, read_thumbnail, tissue_mask
 log = get_logger("slides.tiling")
 
 TILES_FORMAT = "icmil-tiles-v1"
+CHECKSUM_ATTR = "content_sha256"
 OVERLAY_SIDE = 512  # px, longest side of the overlay PNG
 STATUS_COLUMNS = ["slide_id", "status", "n_patches", "error", "seconds", "skipped"]
 
@@ -111,17 +121,46 @@ class TilingReport:
         return "\n".join(lines)
 
 
+# Work bounds: they change a grid only for slides that reach them, so at their defaults they stay out of the
+# key (tiles made before the bounds existed stay valid).
+_BOUND_FIELDS = ("mask_max_pixels", "max_pixels_per_byte")
+# Attrs covered by the tiles checksum, besides the coordinates: everything that says where to read.
+_CHECKED_ATTRS = (
+    "patch_level",
+    "read_size",
+    "patch_size",
+    "level_downsample",
+    "slide_mpp",
+    "target_mpp",
+    "slide_id",
+    "slide_digest",
+    "settings_digest",
+)
+
+
 def tiling_settings_digest(cfg: TilingConfig, mpp_override: float | None = None) -> str:
     """Key of every setting that changes the patch grid (``max_failed_fraction`` does not)."""
-    settings = cfg.model_dump(mode="json", exclude={"max_failed_fraction"})
+    defaults = TilingConfig()
+    changed = {f for f in _BOUND_FIELDS if getattr(cfg, f) != getattr(defaults, f)}
+    exclude = {"max_failed_fraction", *(set(_BOUND_FIELDS) - changed)}
+    settings = cfg.model_dump(mode="json", exclude=exclude)
     override = (
         None if mpp_override is None or not math.isfinite(mpp_override) else round(float(mpp_override), 9)
     )
     return text_digest(TILES_FORMAT, settings, override)
 
 
+def tiles_checksum(coords: np.ndarray, attrs: dict[str, object]) -> str:
+    """SHA-256 of a patch grid: the coordinates and every attr that says where and how to read them."""
+    h = hashlib.sha256(b"icmil-tiles-content/1|")
+    h.update(np.ascontiguousarray(coords, dtype="<i8").tobytes())
+    h.update(json.dumps([repr(attrs[k]) for k in _CHECKED_ATTRS]).encode())
+    return h.hexdigest()
+
+
 def read_tiles(path: str | os.PathLike[str]) -> Tiles:
-    """Read a tiles HDF5 written by :func:`tile_slide` (raises ``FeatureStoreError`` if missing or malformed).
+    """Read a tiles HDF5 written by :func:`tile_slide` (raises ``FeatureStoreError`` if missing or malformed,
+    or when its content does not match the checksum stored at tiling).
 
     >>> read_tiles("/no/such/tiles.h5")
     Traceback (most recent call last):
@@ -136,7 +175,7 @@ def read_tiles(path: str | os.PathLike[str]) -> Tiles:
             ds = f["coords"]
             a = ds.attrs
             coords = np.asarray(ds[:], dtype=np.int64).reshape(-1, 2)
-            return Tiles(
+            tiles = Tiles(
                 coords=coords,
                 read_level=int(a["patch_level"]),
                 read_size=int(a["read_size"]),
@@ -149,10 +188,32 @@ def read_tiles(path: str | os.PathLike[str]) -> Tiles:
                 settings_digest=str(a.get("settings_digest", "")),
                 level_downsample=float(a.get("level_downsample", 1.0)),
             )
+            stored = a.get(CHECKSUM_ATTR)
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise FeatureStoreError(
             f"tiles file {p} is not a valid tiles HDF5 ({type(err).__name__}: {err})"
         ) from None
+    if stored is not None:
+        stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+        if stored != tiles_checksum(tiles.coords, _checked_attrs(tiles)):
+            raise FeatureStoreError(
+                f"tiles file {p} is corrupt: its content does not match the checksum stored at tiling"
+            )
+    return tiles
+
+
+def _checked_attrs(tiles: Tiles) -> dict[str, object]:
+    return {
+        "patch_level": tiles.read_level,
+        "read_size": tiles.read_size,
+        "patch_size": tiles.patch_size,
+        "level_downsample": tiles.level_downsample,
+        "slide_mpp": tiles.slide_mpp,
+        "target_mpp": tiles.target_mpp,
+        "slide_id": tiles.slide_id,
+        "slide_digest": tiles.slide_digest,
+        "settings_digest": tiles.settings_digest,
+    }
 
 
 def _write_tiles(
@@ -192,6 +253,19 @@ def _write_tiles(
             "level0_size": np.array(level0_size, dtype=np.int64),
             "format": TILES_FORMAT,
         }
+        # The same Python types read_tiles gives back, so the checksum is computed on identical values.
+        checked = {
+            "patch_level": int(choice.level),
+            "read_size": int(choice.read_size),
+            "patch_size": int(patch_size),
+            "level_downsample": float(choice.downsample_level0),
+            "slide_mpp": float(mpp),
+            "target_mpp": float(target_mpp),
+            "slide_id": str(slide_id),
+            "slide_digest": str(digest),
+            "settings_digest": str(settings),
+        }
+        attrs[CHECKSUM_ATTR] = tiles_checksum(coords.astype(np.int64), checked)
         for key, value in attrs.items():
             ds.attrs[key] = value
 
@@ -224,11 +298,53 @@ def _existing_matches(out_path: Path, digest: str, settings: str) -> int | None:
         return None
     try:
         tiles = read_tiles(out_path)
-    except FeatureStoreError:
+    except FeatureStoreError as err:
+        log.warning("%s; tiling the slide again", err)
         return None
     if tiles.slide_digest == digest and tiles.settings_digest == settings:
         return len(tiles.coords)
     return None
+
+
+def _bytes_on_disk(path: Path) -> int:
+    if path.is_dir():  # a DICOM-WSI folder
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size
+
+
+def check_dimensions(slide: openslide.OpenSlide, path: Path, slide_id: str, cfg: TilingConfig) -> None:
+    """Refuse, in milliseconds, a slide whose header promises more pixels than its file can hold, or that has
+    no level small enough to read whole for the tissue mask (no pyramid): both would otherwise cost minutes
+    of reading before ending as "no tissue found".
+
+    >>> class Lying:  # a 196 kB file claiming 60000 x 60000 px
+    ...     dimensions, level_dimensions = (60000, 60000), ((60000, 60000),)
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "x.tiff"; _ = f.write_bytes(b"0" * 196_000)
+    >>> check_dimensions(Lying(), f, "x", TilingConfig())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    icmil.errors.SlideError: slide 'x': corrupt slide: ... claims 60000x60000 px (3.6 Gpx) but holds 196 kB ...
+    """
+    w, h = slide.dimensions
+    size = _bytes_on_disk(path)
+    if size > 0 and w * h / size > cfg.max_pixels_per_byte:
+        raise SlideError(
+            slide_id,
+            f"corrupt slide: {path} claims {w}x{h} px ({w * h / 1e9:.1f} Gpx) but holds {size / 1e3:.0f} kB "
+            f"({w * h / size:.0f} px per byte; a scan stores at least 1 byte per {cfg.max_pixels_per_byte:.0f} "
+            "px, even of blank glass): the file is truncated or its header is wrong",
+            "re-export or re-copy the slide; tiling.max_pixels_per_byte sets this limit",
+        )
+    lw, lh = min(slide.level_dimensions, key=lambda d: d[0] * d[1])
+    if lw * lh > cfg.mask_max_pixels:
+        raise SlideError(
+            slide_id,
+            f"{path} has no pyramid level small enough for the tissue mask: its smallest level is {lw}x{lh} px "
+            f"({lw * lh / 1e6:.0f} Mpx, limit tiling.mask_max_pixels = {cfg.mask_max_pixels / 1e6:.0f} Mpx)",
+            "convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave IN OUT.tiff --tile --pyramid "
+            "--compression jpeg`) or raise tiling.mask_max_pixels",
+        )
 
 
 def tile_slide(
@@ -265,10 +381,11 @@ def tile_slide(
         if existing is not None and overlay.is_file():
             return TileInfo(slide_id, out, existing, time.perf_counter() - start, skipped=True)
 
+        check_dimensions(slide, local, slide_id, cfg)
         mpp = slide_mpp(slide, slide_id, mpp_override)
         choice = choose_read_level(slide.level_downsamples, mpp, cfg.target_mpp, cfg.patch_size)
         try:
-            thumb = read_thumbnail(slide, mpp, cfg.mask_mpp)
+            thumb = read_thumbnail(slide, mpp, cfg.mask_mpp, max_pixels=cfg.mask_max_pixels)
         except Exception as err:  # OpenSlideError on a corrupt tile; the message is all we can add
             raise SlideError(
                 slide_id,
@@ -348,6 +465,8 @@ def tile_manifest(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temp_files(out):
+        log.info("removed %s, a temporary file left by an interrupted run", stale)
     rows = manifest.slides
     wanted = None if slide_ids is None else [str(s) for s in slide_ids]
     if wanted is not None:
@@ -382,7 +501,7 @@ def tile_manifest(
         start = time.perf_counter()
         try:
             info = tile_slide(
-                sid, str(row.path), out / f"{sid}.h5", cfg, mpp_override=mpp, cache_dir=cache_dir
+                sid, str(row.path), slide_file(out, sid, ".h5"), cfg, mpp_override=mpp, cache_dir=cache_dir
             )
         except SlideError as err:
             failures[sid] = str(err)

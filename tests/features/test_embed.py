@@ -14,7 +14,7 @@ from icmil.config import EmbedConfig, EncoderConfig, SynthConfig, TilingConfig
 from icmil.errors import StageFailed
 from icmil.features import create_encoder, embed_manifest, read_features
 from icmil.manifest import read_manifest
-from icmil.slides import corrupt_tile, read_tiles, synthesize_cohort, tile_manifest
+from icmil.slides import corrupt_tile, read_tiles, synthesize_cohort, tile_manifest, tile_slide
 from icmil.slides.patches import PatchReader
 
 
@@ -39,7 +39,8 @@ def _cfg(**kw) -> EmbedConfig:
 
 
 def _copy_cohort(cohort, tmp_path):
-    """The cohort's slides copied under tmp_path (to damage them) with a manifest pointing at the copies."""
+    """The cohort's slides and tiles copied under tmp_path (to damage them) with a manifest pointing at the
+    copies."""
     root, manifest = cohort
     rows = manifest.slides.copy()
     for i, row in rows.iterrows():
@@ -47,7 +48,8 @@ def _copy_cohort(cohort, tmp_path):
         shutil.copy(row["path"], dst)
         rows.loc[i, "path"] = str(dst)
     rows[["slide_id", "path", "label", "split"]].to_csv(tmp_path / "m.csv", index=False)
-    return read_manifest(tmp_path / "m.csv"), root / "tiles"
+    shutil.copytree(root / "tiles", tmp_path / "tiles")
+    return read_manifest(tmp_path / "m.csv"), tmp_path / "tiles"
 
 
 def test_end_to_end_layout_and_values(cohort, tmp_path) -> None:
@@ -111,6 +113,10 @@ def _corrupt_middle_patch(manifest, tiles_dir) -> tuple[str, tuple[int, int]]:
     per_row = -(-1536 // 256)
     tile_xy = corrupt_tile(row["path"], level=0, tile_index=(y // 256) * per_row + x // 256)
     assert tile_xy == (x // 256 * 256, y // 256 * 256)
+    # A slide corrupt before tiling: the mask comes from a coarser level, so the grid is the same as before.
+    cfg = TilingConfig(patch_size=128, target_mpp=1.0)
+    tile_slide(str(row["slide_id"]), row["path"], tiles_dir / f"{row['slide_id']}.h5", cfg)
+    np.testing.assert_array_equal(read_tiles(tiles_dir / f"{row['slide_id']}.h5").coords, tiles.coords)
     return str(row["slide_id"]), (x, y)
 
 
@@ -157,8 +163,7 @@ def test_bad_slides_are_recorded(cohort, tmp_path) -> None:
     manifest, tiles_dir = _copy_cohort(cohort, tmp_path)
     ids = list(manifest.slides["slide_id"])
     manifest.slides.loc[0, "path"] = str(tmp_path / "gone.tiff")
-    tiles_copy = tmp_path / "tiles"
-    shutil.copytree(tiles_dir, tiles_copy)
+    tiles_copy = tiles_dir  # already a private copy
     (tiles_copy / f"{ids[1]}.h5").unlink()
     cfg = _cfg(max_failed_fraction=1.0)
     report = embed_manifest(

@@ -264,8 +264,11 @@ def test_missing_features_are_reported_and_skipped(tmp_path: Path) -> None:
 
 def test_no_validation_split_is_a_clear_error(tmp_path: Path) -> None:
     manifest, feats, _ = make_cohort(tmp_path, {"train": 6, "test": 2})
+    # Train/test only: by default a validation split is carved from train; with val_fraction=0 there is none.
+    assert not read_manifest(manifest).split("val").empty
+    no_val = read_manifest(manifest, val_fraction=0)
     with pytest.raises(ManifestError, match="val"):
-        train_mil_head(manifest, feats, tmp_path / "out", config("abmil", epochs=1))
+        train_mil_head(no_val, feats, tmp_path / "out", config("abmil", epochs=1))
 
 
 def test_head_inputs_are_standardised_with_training_statistics_only(tmp_path: Path) -> None:

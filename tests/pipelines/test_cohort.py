@@ -29,12 +29,14 @@ def _manifest(tmp_path: Path, n: int = 7) -> Path:
 
 def test_prepare_resolves_splits_once_and_balances_shards(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
-    cfg = load_config(None, [f"manifest={manifest}", "classes=[normal, tumor]"])
+    cfg = load_config(
+        None, [f"manifest={manifest}", "classes=[normal, tumor]", "tiling.max_failed_fraction=0.2"]
+    )
     cohort = prepare_cohort(cfg, tmp_path / "cohort", n_shards=3)
     assert cohort.n_slides == 7 and not cohort.synthetic
     assert set(cohort.errors) == {"bad"}
     assert json.loads((tmp_path / "cohort" / "manifest_errors.json").read_text())["bad"].startswith(
-        "unknown label"
+        "line 9: unknown label"
     )
     ids = [sid for s in cohort.shards for sid in s.slide_ids]
     assert sorted(ids) == [f"s{i}" for i in range(7)] and len(set(ids)) == 7
@@ -59,19 +61,20 @@ def test_prepare_never_makes_more_shards_than_slides(tmp_path: Path) -> None:
     cfg = load_config(
         None,
         [
-            f"manifest={_manifest(tmp_path, n=2)}",
+            f"manifest={_manifest(tmp_path, n=4)}",
             "classes=[normal, tumor]",
-            "val_fraction=0",
+            "val_fraction=0.5",
             "test_fraction=0",
+            "tiling.max_failed_fraction=0.5",
         ],
     )
-    assert len(prepare_cohort(cfg, tmp_path / "c", n_shards=8).shards) == 2
+    assert len(prepare_cohort(cfg, tmp_path / "c", n_shards=8).shards) == 4
 
 
 def test_synthetic_cohort_folder_is_portable(tmp_path: Path) -> None:
-    cfg = load_config(None, ["synth.n_slides=4", "synth.width=768", "synth.height=512"])
+    cfg = load_config(None, ["synth.n_slides=6", "synth.width=768", "synth.height=512"])
     cohort = prepare_cohort(cfg, tmp_path / "cohort", n_shards=2)
-    assert cohort.synthetic and cohort.n_slides == 4
+    assert cohort.synthetic and cohort.n_slides == 6
     table = pd.read_csv(cohort.manifest_csv)
     assert all(p.startswith("synth/slides/") for p in table["path"])  # relative: works where KFP downloads it
     moved = tmp_path / "moved"
@@ -80,7 +83,7 @@ def test_synthetic_cohort_folder_is_portable(tmp_path: Path) -> None:
     assert all(Path(p).is_file() for p in m.slides["path"])
     # A shard's manifest resolves its rows against the cohort folder it is given.
     csv = shard_manifest(cohort.shards[0].to_json(), tmp_path / "shard.csv", base_dir=moved)
-    shard = read_manifest(csv)
+    shard = read_manifest(csv, partial=True)
     assert sorted(shard.slides["slide_id"]) == cohort.shards[0].slide_ids
     assert all(Path(p).is_file() and str(moved) in p for p in shard.slides["path"])
     assert rt.cohort_lesions(str(moved)) == str(moved / "synth" / "lesions.json")

@@ -67,7 +67,7 @@ EXPECTED = {
     "missing": "file not found",
     "text": "is a text file, not a slide",
     "empty": "is empty (0 bytes)",
-    "directory": "is a directory, not a slide file",
+    "directory": "is a directory with no DICOM file in it",
     "truncated": "it is truncated",
     "nompp": "no µm/px in its metadata (add an `mpp` column",
     "blank": "no tissue found",

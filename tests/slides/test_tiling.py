@@ -201,3 +201,31 @@ def test_thumbnail_of_a_large_level_is_read_in_strips(
     assert strips.rgb.shape == whole.rgb.shape == (192, 256, 3)
     assert strips.downsample == whole.downsample == (4.0, 4.0) and strips.mpp == 2.0
     assert np.abs(strips.rgb.astype(int) - whole.rgb.astype(int)).mean() < 2.0
+
+
+def test_unsafe_ids_from_a_hand_built_manifest_never_leave_the_output_folder(
+    cohort: Path, tmp_path: Path
+) -> None:
+    """Library callers may build a Manifest themselves; the stages still refuse ids that are not file names."""
+    import pandas as pd
+
+    from icmil.config import EmbedConfig, EncoderConfig
+    from icmil.features import create_encoder, embed_manifest
+    from icmil.manifest import Manifest
+
+    good = read_manifest(cohort).slides.iloc[:1]
+    evil = good.assign(slide_id="../escaped")
+    manifest = Manifest(slides=pd.concat([good, evil], ignore_index=True), classes=["normal", "tumor"])
+    out = tmp_path / "deep" / "tiles"
+    report = tile_manifest(manifest, out, small_tiling())
+    assert report.n_ok == 1 and "the slide id contains '/', a path separator" in report.failures["../escaped"]
+    embedded = embed_manifest(
+        manifest,
+        out,
+        tmp_path / "deep" / "features",
+        create_encoder(EncoderConfig(name="tiny_cnn"), quiet_random=True),
+        EmbedConfig(num_workers=0, max_failed_fraction=1.0),
+    )
+    assert embedded.n_ok == 1 and "path separator" in embedded.failures["../escaped"]
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["features", "tiles"]
+    assert not list(tmp_path.glob("*.h5")) and not list((tmp_path / "deep").glob("*.h5"))
