@@ -61,10 +61,22 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "method_lr": (
         "coupling.lr=1e-5",
     ),  # METHOD.md's learning rate (meant for epochs over millions of patches)
+    # Selection by the round's frozen head on the validation slides (the default before cross-validation).
+    "frozen_head_selection": ("coupling.selection=val",),
+    # Controls: a teacher that knows nothing (random head weights), and BatchNorm adaptation alone (the
+    # weights barely move at lr 1e-9; the student's BatchNorm statistics still follow the training patches).
+    "random_teacher": ("coupling.random_teacher=true",),
+    "bn_only": ("coupling.lr=1e-9",),
+    # Control: no coupling, the round-0 head trained as long as the extra rounds cost (see LONG_ROUND0).
+    "long_round0": (),
     # Diagnostics: the same fine-tuning without selection (the last student is kept).
     "faithful_last": ("coupling.selection=last",),
     "hard_negatives_last": ("coupling.hard_negatives=true", "coupling.selection=last"),
 }
+
+# ``long_round0`` trains only round 0, with (rounds + 1) x the epochs and patience of the bag head, from the
+# shared round-0 features; its result is reported in the last round's slot (same cost as the coupling rounds).
+LONG_ROUND0 = "long_round0"
 
 DEFAULT_SETTINGS = (
     "encoder.name=tiny_cnn",
@@ -113,6 +125,21 @@ def _share(src: Path, dst: Path, parts: tuple[str, ...]) -> None:
         if s.exists() and not d.exists():
             d.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if s.is_dir() else shutil.copy2)(s, d)
+
+
+def with_converged_rounds(records: list[dict[str, Any]], rounds: int, variant: str) -> list[dict[str, Any]]:
+    """Rows for rounds 0..``rounds``: a run that stopped because a round kept its teacher (converged) keeps
+    that model, so its last row stands for the rounds it did not run (``converged_at`` says from where).
+    ``long_round0``'s single row goes to the last round's slot (it costs what the rounds cost)."""
+    if variant == LONG_ROUND0:
+        return [{**r, "round": rounds} for r in records if r["round"] == 0] if rounds > 0 else records
+    out = list(records)
+    if out and out[-1]["round"] < rounds:
+        last = out[-1]
+        out += [
+            {**last, "round": k, "converged_at": last["round"]} for k in range(last["round"] + 1, rounds + 1)
+        ]
+    return out
 
 
 def _fmt(mean: float, sd: float) -> str:
@@ -357,7 +384,25 @@ def main() -> None:
                     and (reuse / "round_0" / "metrics.json").is_file()
                 ):
                     head_round0 = reuse  # another evidence run already finished this seed's round 0
-                if head_round0 is not None:
+                extra = list(VARIANTS[variant])
+                rounds = args.rounds
+                if variant == LONG_ROUND0:
+                    base_mil = _config(
+                        run_dir, manifest, head, seed, 0, list(args.overrides), args.config
+                    ).mil
+                    factor = args.rounds + 1
+                    extra += [f"mil.epochs={base_mil.epochs * factor}"]
+                    if base_mil.patience is not None:
+                        extra += [f"mil.patience={base_mil.patience * factor}"]
+                    rounds = 0
+                    share_from = head_round0 or seed_round0
+                    if share_from is not None:
+                        _share(
+                            share_from,
+                            run_dir,
+                            ("manifest.csv", "tiles", "round_0/encoder", "round_0/features"),
+                        )
+                elif head_round0 is not None:
                     _share(head_round0, run_dir, ("manifest.csv", "tiles", "round_0"))
                 elif seed_round0 is not None:
                     _share(
@@ -365,31 +410,27 @@ def main() -> None:
                     )
                 elif shared_tiles is not None:
                     _share(shared_tiles, run_dir, ("manifest.csv", "tiles"))
-                cfg = _config(
-                    run_dir,
-                    manifest,
-                    head,
-                    seed,
-                    args.rounds,
-                    [*args.overrides, *VARIANTS[variant]],
-                    args.config,
-                )
+                cfg = _config(run_dir, manifest, head, seed, rounds, [*args.overrides, *extra], args.config)
                 t = time.perf_counter()
                 summary = run_coupling(cfg)
                 timings[f"seed{seed}/{head}/{variant}"] = round(time.perf_counter() - t, 1)
                 shared_tiles = shared_tiles or run_dir
                 seed_round0 = seed_round0 or run_dir
-                head_round0 = head_round0 or run_dir
-                for rec in summary.to_dict("records"):
+                if variant != LONG_ROUND0:
+                    head_round0 = head_round0 or run_dir
+                for rec in with_converged_rounds(summary.to_dict("records"), args.rounds, variant):
                     if rec["round"] == 0 and variant != args.variants[0]:
                         continue  # round 0 is shared: count it once
                     rows.append({"head": head, "variant": variant, "seed": seed, **rec})
                 print(f"seed {seed} {head} {variant}:\n{summary.to_string(index=False)}", flush=True)
 
     table, markdown = aggregate(rows)
-    settings = [*DEFAULT_SETTINGS, *args.overrides]
+    settings = [*(DEFAULT_SETTINGS if args.config is None else ()), *args.overrides]
     result = {
-        "cohort": cohort_cfg.synth.model_dump(mode="json"),
+        "cohort": str(args.manifest)
+        if args.manifest is not None
+        else cohort_cfg.synth.model_dump(mode="json"),
+        "config": str(args.config) if args.config is not None else None,
         "settings": settings,
         "heads": args.heads,
         "variants": {v: list(VARIANTS[v]) for v in args.variants},
@@ -403,9 +444,16 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evidence.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.manifest is not None:
+        cohort_text = f"`{args.manifest}` (lesion boxes beside it)"
+    else:
+        cohort_text = (
+            f"synthetic defaults ({cohort_cfg.synth.n_slides} slides {cohort_cfg.synth.width}x"
+            f"{cohort_cfg.synth.height}, overrides: {args.synth or 'none'})"
+        )
+    base = f"`{args.config}` + " if args.config is not None else ""
     header = (
-        f"Cohort: synthetic defaults ({cohort_cfg.synth.n_slides} slides {cohort_cfg.synth.width}x"
-        f"{cohort_cfg.synth.height}, overrides: {args.synth or 'none'}); settings: `{' '.join(settings)}`; "
+        f"Cohort: {cohort_text}; settings: {base}`{' '.join(settings)}`; "
         f"seeds {args.seeds}; mean ± sd over seeds; Δ = paired change vs round 0.\n\n"
     )
     markdown += "\n\nPer seed:\n\n" + per_seed_table(rows)

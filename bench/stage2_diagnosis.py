@@ -130,6 +130,11 @@ def main() -> None:
     ap.add_argument("--lesions", type=Path, required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--refit-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--random-teacher",
+        action="store_true",
+        help="control: the teacher head keeps its input standardisation but gets random weights (knows nothing)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,6 +149,16 @@ def main() -> None:
     r0 = args.run / "round_0"
     encoder = load_encoder(r0 / "encoder")
     head = load_mil_head(r0 / "head")
+    if args.random_teacher:
+        from icmil.mil.train import head_from_config
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(12345)
+            fresh = head_from_config(cfg.mil, head.in_dim, head.n_classes)
+        buffers = {k: v for k, v in head.state_dict().items() if "input_" in k}
+        fresh.load_state_dict({**fresh.state_dict(), **buffers})
+        fresh.classes = head.classes
+        head = fresh.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
 

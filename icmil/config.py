@@ -247,10 +247,15 @@ class CouplingConfig(_Section):
     )
     patience: int | None = Field(None, ge=1, description="stop after this many evals without val improvement")
     selection: Literal["val", "cv", "last"] = Field(
-        "val",
+        "cv",
         description="val: keep the best of teacher + evaluated students by the frozen head's val AUC (then "
         "separation); cv: by the cross-validated AUC (then loss) of a head refit on each candidate's train+val "
         "features; last: keep the last student (diagnostic: coupling without selection)",
+    )
+    random_teacher: bool = Field(
+        False,
+        description="control experiment: the teacher head keeps its input standardisation but gets random "
+        "weights, so it knows nothing about the labels (measures what coupling gains without the teacher)",
     )
     cv_folds: int = Field(5, ge=2, description="selection=cv: folds over the train+val slides")
     cv_epochs: int = Field(20, ge=1, description="selection=cv: epochs of each refit head")

@@ -103,6 +103,20 @@ class FinetuneResult:
         }
 
 
+def random_head_like(head: MILHead, seed: int) -> MILHead:
+    """The control teacher: ``head``'s architecture and input standardisation with freshly drawn weights."""
+    from icmil.mil import create_mil_head
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7919)
+        fresh = create_mil_head(head.name, head.in_dim, head.n_classes, **head.hparams)
+    buffers = {k: v for k, v in head.state_dict().items() if k not in dict(fresh.named_parameters())}
+    fresh.load_state_dict({**fresh.state_dict(), **buffers})
+    fresh.classes = list(getattr(head, "classes", []) or [])
+    log.warning("coupling.random_teacher: the teacher head has RANDOM weights (a control experiment)")
+    return fresh.eval()
+
+
 def check_split(manifest: Manifest, train_ids: set[str]) -> None:
     """Raise :class:`SplitLeakError` unless every slide is in exactly one split and ``train_ids`` are all in
     the training split (stage-2 patches must come only from training slides)."""
@@ -315,6 +329,8 @@ def finetune_encoder(
     if not val_sources:
         raise ICMILError(f"coupling: no validation slide is readable: {val_failures}")
 
+    if cc.random_teacher:
+        head = random_head_like(head, seed=cc.seed)
     pair = make_teacher_student(encoder, head, student_bn=cc.student_bn, train_blocks=cc.train_blocks)
     digest_fn = getattr(encoder, "digest", None)
     pool, pool_sources = build_pool(
@@ -556,6 +572,7 @@ def finetune_encoder(
                     "warmup_steps",
                     "feature_anchor",
                     "target_temperature",
+                    "random_teacher",
                 )
             },
             "beta": beta if cc.confidence else None,
