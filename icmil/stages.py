@@ -528,6 +528,8 @@ def evaluate_stage(
             result["finetune_best_step"] = ft.get("best_step")
             result["finetune_teacher_val_auc"] = (ft.get("teacher") or {}).get("val_auc")
             result["finetune_selected_val_auc"] = (ft.get("selected") or {}).get("val_auc")
+            result["finetune_teacher_cv_auc"] = (ft.get("teacher") or {}).get("cv_auc")
+            result["finetune_selected_cv_auc"] = (ft.get("selected") or {}).get("cv_auc")
             result["finetune_patches_per_s"] = ft.get("patches_per_s")
         if frames:
             import pandas as pd

@@ -85,6 +85,8 @@ SUMMARY_COLUMNS = [
     "finetune_best_step",
     "finetune_teacher_val_auc",
     "finetune_selected_val_auc",
+    "finetune_teacher_cv_auc",
+    "finetune_selected_cv_auc",
 ]
 
 
@@ -249,6 +251,8 @@ def kept_teacher_round(
         "finetune_best_step": 0,
         "finetune_teacher_val_auc": (finetune.get("teacher") or {}).get("val_auc"),
         "finetune_selected_val_auc": (finetune.get("selected") or {}).get("val_auc"),
+        "finetune_teacher_cv_auc": (finetune.get("teacher") or {}).get("cv_auc"),
+        "finetune_selected_cv_auc": (finetune.get("selected") or {}).get("cv_auc"),
         "finetune_patches_per_s": finetune.get("patches_per_s"),
         "config_digest": cfg.digest(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

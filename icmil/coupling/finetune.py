@@ -580,10 +580,11 @@ def finetune_encoder(
         },
     )
     log.info(
-        "coupling: selected step %d (val AUC %.4f vs teacher %.4f) after %d steps (%s); %.0f patches/s",
+        "coupling: selected step %d (%s %.4f vs teacher %.4f) after %d steps (%s); %.0f patches/s",
         best_step,
-        best_metrics["val_auc"],
-        teacher_metrics["val_auc"],
+        "refit-head CV AUC" if cc.selection == "cv" else "frozen-head val AUC",
+        best_metrics["cv_auc" if cc.selection == "cv" else "val_auc"],
+        teacher_metrics["cv_auc" if cc.selection == "cv" else "val_auc"],
         step,
         stop_reason,
         result.patches_per_s,
