@@ -284,6 +284,13 @@ class CouplingConfig(_Section):
         description="train only the encoder's last N blocks (None: all layers, faithful; 0: none, head only); "
         "frozen blocks keep their BatchNorm statistics",
     )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        description="train low-rank adapters (LoRA, rank r) on the encoder's Linear/Conv2d layers instead of "
+        "its weights (0 = off); merged into the weights when stage 2 ends, so the encoder's files keep their format",
+    )
+    lora_alpha: int | None = Field(None, gt=0, description="LoRA scale numerator (None: 2 x rank)")
     feature_anchor: float = Field(
         0.0,
         ge=0,
@@ -291,7 +298,9 @@ class CouplingConfig(_Section):
         "features of the student's view, per dimension in units of the training patches' sd (0 = off)",
     )
     target_temperature: float = Field(
-        1.0, gt=0, description="temperature applied to the teacher's instance probabilities in L_c (<1 sharpens)"
+        1.0,
+        gt=0,
+        description="temperature applied to the teacher's instance probabilities in L_c (<1 sharpens)",
     )
     amp: bool = True
     channels_last: bool = True

@@ -331,7 +331,14 @@ def finetune_encoder(
 
     if cc.random_teacher:
         head = random_head_like(head, seed=cc.seed)
-    pair = make_teacher_student(encoder, head, student_bn=cc.student_bn, train_blocks=cc.train_blocks)
+    pair = make_teacher_student(
+        encoder,
+        head,
+        student_bn=cc.student_bn,
+        train_blocks=cc.train_blocks,
+        lora_rank=cc.lora_rank,
+        lora_alpha=cc.lora_alpha,
+    )
     digest_fn = getattr(encoder, "digest", None)
     pool, pool_sources = build_pool(
         train_sources,
@@ -506,10 +513,7 @@ def finetune_encoder(
                 improved = key > best_key or cc.selection == "last"
                 if improved:
                     best_key, best_step, best_metrics = key, step, dict(metrics)
-                    best_state = {
-                        k: v.detach().to("cpu", copy=True)
-                        for k, v in pair.student_encoder.state_dict().items()
-                    }
+                    best_state = pair.student_encoder_state()
                     evals_since_best = 0
                 else:
                     evals_since_best += 1
@@ -573,6 +577,7 @@ def finetune_encoder(
                     "feature_anchor",
                     "target_temperature",
                     "random_teacher",
+                    "lora_rank",
                 )
             },
             "beta": beta if cc.confidence else None,

@@ -24,7 +24,13 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from icmil.coupling.trainable import freeze_leading_blocks, set_frozen_eval
+from icmil.coupling.trainable import (
+    add_lora,
+    encoder_blocks,
+    freeze_leading_blocks,
+    merged_state_dict,
+    set_frozen_eval,
+)
 from icmil.mil.base import MILHead
 
 M = TypeVar("M", bound=nn.Module)
@@ -40,6 +46,13 @@ class TeacherStudent:
     student_head: MILHead
     student_bn: str = "train"
     frozen_blocks: list[nn.Module] = field(default_factory=list)
+    lora: bool = False
+
+    def student_encoder_state(self) -> dict[str, torch.Tensor]:
+        """The student encoder's weights in the encoder's own layout (LoRA adapters merged), on the CPU."""
+        if self.lora:
+            return merged_state_dict(self.student_encoder)
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.student_encoder.state_dict().items()}
 
     def train_student(self) -> TeacherStudent:
         """Put the student in training mode; with ``student_bn="frozen"`` its BatchNorm layers stay in eval mode
@@ -87,7 +100,12 @@ def freeze(module: M) -> M:
 
 
 def make_teacher_student(
-    encoder: nn.Module, head: MILHead, student_bn: str = "train", train_blocks: int | None = None
+    encoder: nn.Module,
+    head: MILHead,
+    student_bn: str = "train",
+    train_blocks: int | None = None,
+    lora_rank: int = 0,
+    lora_alpha: int | None = None,
 ) -> TeacherStudent:
     """Deep-copy ``encoder`` and ``head`` twice: a frozen teacher and a trainable student (inputs untouched).
 
@@ -95,6 +113,8 @@ def make_teacher_student(
     updating its running statistics — on augmented views) or ``"frozen"`` (running statistics stay the
     teacher's, so the student starts as exactly the teacher and its clean-patch features do not drift).
     ``train_blocks``: train only the encoder's last N blocks (:mod:`icmil.coupling.trainable`; None = all).
+    ``lora_rank`` > 0: the student encoder trains low-rank adapters instead of its weights (within the trained
+    blocks); :meth:`TeacherStudent.student_encoder_state` merges them back.
     """
     if student_bn not in ("train", "frozen"):
         raise ValueError(f"student_bn must be 'train' or 'frozen', got {student_bn!r}")
@@ -105,5 +125,10 @@ def make_teacher_student(
     for p in (*student_encoder.parameters(), *student_head.parameters()):
         p.requires_grad_(True)
     frozen = freeze_leading_blocks(student_encoder, train_blocks)
-    pair = TeacherStudent(teacher_encoder, teacher_head, student_encoder, student_head, student_bn, frozen)
+    if lora_rank > 0:
+        trained = [b for b in encoder_blocks(student_encoder) if all(b is not f for f in frozen)]
+        add_lora(student_encoder, lora_rank, lora_alpha or 2 * lora_rank, trained)
+    pair = TeacherStudent(
+        teacher_encoder, teacher_head, student_encoder, student_head, student_bn, frozen, lora_rank > 0
+    )
     return pair.train_student()

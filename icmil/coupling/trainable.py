@@ -1,4 +1,4 @@
-"""Which encoder layers stage 2 trains: all of them (ICMIL), or only the last N blocks.
+"""Which encoder layers stage 2 trains: all of them (ICMIL), only the last N blocks, or low-rank adapters.
 
 A *block* is found generically, so the same setting means the same thing for every encoder: starting at the
 encoder, the parameter-holding children are listed in order, and a child that is a ``Sequential`` /
@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -77,3 +78,43 @@ def set_frozen_eval(blocks: list[nn.Module]) -> None:
     """Eval mode for frozen blocks (BatchNorm keeps its running statistics, dropout is off)."""
     for b in blocks:
         b.eval()
+
+
+def lora_targets(encoder: nn.Module, blocks: list[nn.Module] | None = None) -> list[str]:
+    """Names of the Linear / Conv2d layers LoRA adapts: all of them, or those inside ``blocks``."""
+    allowed = None if blocks is None else {id(m) for b in blocks for m in b.modules()}
+    return [
+        name
+        for name, m in encoder.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and (allowed is None or id(m) in allowed)
+    ]
+
+
+def add_lora(encoder: nn.Module, rank: int, alpha: int, blocks: list[nn.Module] | None = None) -> nn.Module:
+    """Low-rank adapters (LoRA, via ``peft``) on the encoder's Linear/Conv2d layers, in place: only the
+    adapters train (``B`` starts at zero, so the adapted encoder starts as exactly the original). Tens of
+    thousands of trainable parameters instead of hundreds of millions on a ViT foundation encoder."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora_targets(encoder, blocks)
+    if not targets:
+        raise ValueError("coupling.lora_rank: the encoder has no Linear/Conv2d layer to adapt")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    return inject_adapter_in_model(config, encoder)
+
+
+def merged_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``encoder`` with every LoRA adapter merged into its base layer: the original keys,
+    loadable into the encoder without adapters (``encoder`` itself is not modified)."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    plain = copy.deepcopy(encoder)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = plain.get_submodule(parent_name) if parent_name else plain
+            setattr(parent, child, module.get_base_layer())
+    return {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}

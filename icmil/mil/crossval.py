@@ -75,7 +75,12 @@ def stratified_folds(labels: Sequence[int] | np.ndarray, folds: int, seed: int) 
 
 
 def fit_head(
-    bags: Sequence[torch.Tensor], labels: Sequence[int], cfg: MILConfig, n_classes: int, epochs: int, seed: int
+    bags: Sequence[torch.Tensor],
+    labels: Sequence[int],
+    cfg: MILConfig,
+    n_classes: int,
+    epochs: int,
+    seed: int,
 ) -> MILHead:
     """Train ``cfg.head`` on in-memory bags for ``epochs`` epochs (standardised with these bags' patches)."""
     from icmil.mil.optim import build_optimizer
@@ -129,7 +134,9 @@ def crossval_score(
     with intra_op_threads(1):
         for k, held in enumerate(stratified_folds(y, folds, seed)):
             train_idx = np.setdiff1d(np.arange(len(bags)), held)
-            head = fit_head([bags[i] for i in train_idx], y[train_idx].tolist(), cfg, n_classes, epochs, seed + k)
+            head = fit_head(
+                [bags[i] for i in train_idx], y[train_idx].tolist(), cfg, n_classes, epochs, seed + k
+            )
             logits[held] = _predict(head, [bags[i] for i in held])
             fold_probs = logits[held].softmax(-1).numpy()
             fold_aucs.append(multiclass_auc(y[held], fold_probs))

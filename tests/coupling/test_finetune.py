@@ -81,7 +81,8 @@ def test_selection_includes_the_teacher_as_step_zero(
         ),
     )
     cfg, manifest, encoder, head = _inputs(
-        run0, ["coupling.max_steps=2", "coupling.eval_every=1", "coupling.batch_size=8"]
+        run0,
+        ["coupling.max_steps=2", "coupling.eval_every=1", "coupling.batch_size=8", "coupling.selection=val"],
     )
     before = encoder.digest()
     res = finetune_encoder(encoder, head, manifest, run0 / "tiles", None, cfg)
