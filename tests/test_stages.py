@@ -68,7 +68,8 @@ def run0(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_resume_after_a_kill_repeats_no_finished_stage(run0: Path, tmp_path: Path) -> None:
     run = copy_run(run0, tmp_path / "run")
-    cfg = tiny_config(run, ["coupling.rounds=1"])
+    # selection=last: round 1 always has a new encoder to embed (a kept teacher would skip embedding).
+    cfg = tiny_config(run, ["coupling.rounds=1", "coupling.selection=last"])
     first = RecordingTracker(kill_at=("embed", 1))  # dies right after round 1's fine-tuning finished
     with pytest.raises(Killed):
         run_coupling(cfg, tracker=first)
@@ -152,3 +153,37 @@ def test_corrupt_marker_is_reported(tmp_path: Path) -> None:
     (tmp_path / "stage.json").write_text("{not json")
     with pytest.raises(FeatureStoreError, match="delete it"):
         read_marker(tmp_path / "stage.json")
+
+
+def test_a_round_that_keeps_its_teacher_reuses_the_previous_round_and_stops(
+    run0: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from icmil.coupling import finetune as ft
+
+    run = copy_run(run0, tmp_path / "run")
+    # Every student scores below the teacher: stage 2 returns the teacher (selected step 0).
+    scores = iter([(0.9, 0.3)] + [(0.5, 0.9)] * 20)
+
+    def fake_cv(features, labels, cfg, n_classes):  # type: ignore[no-untyped-def]
+        auc, loss = next(scores)
+        return {"cv_auc": auc, "cv_loss": loss, "cv_slides": float(len(features))}
+
+    monkeypatch.setattr(ft, "score_cv", fake_cv)
+    cfg = tiny_config(run, ["coupling.rounds=3", "coupling.selection=cv"])
+    tracker = RecordingTracker()
+    summary = run_coupling(cfg, tracker=tracker)
+    # Round 1 fine-tuned, kept the teacher, and neither re-embedded nor retrained; rounds 2-3 did not run.
+    assert tracker.opened == [("finetune", 1), ("evaluate", 1)]
+    assert not (run / "round_1" / "features").exists() and not (run / "round_1" / "head").exists()
+    assert list(summary["round"]) == [0, 1] and list(summary["teacher_kept"]) == [False, True]
+    r0 = json.loads((run / "round_0" / "metrics.json").read_text())
+    r1 = json.loads((run / "round_1" / "metrics.json").read_text())
+    assert r1["teacher_kept"] and r1["reused_from_round"] == 0 and r1["test_auc"] == r0["test_auc"]
+    assert not (run / "round_2").exists()
+
+    # Forcing the rounds runs round 2 with round 0's head and features as its teacher's view.
+    scores = iter([(0.9, 0.3)] + [(0.95, 0.2)] * 20)
+    forced = tiny_config(run, ["coupling.rounds=2", "coupling.selection=cv", "coupling.force_rounds=true"])
+    summary = run_coupling(forced, tracker=RecordingTracker())
+    assert list(summary["round"]) == [0, 1, 2] and not summary.set_index("round").loc[2, "teacher_kept"]
+    assert (run / "round_2" / "features").is_dir()

@@ -164,3 +164,98 @@ def test_works_for_every_head(run0: Path, head_name: str) -> None:
     head = create_mil_head(head_name, encoder.out_dim, 2, hidden_dim=16)
     res = finetune_encoder(encoder, head, manifest, run0 / "tiles", None, cfg)
     assert res.steps_run == 1 and np.isfinite(res.history["loss"].dropna()).all()
+
+
+@pytest.mark.parametrize(
+    ("cv", "expected_step"),
+    [
+        ([(0.8, 0.5), (0.7, 0.3), (0.75, 0.2)], 0),  # no student beats the teacher's CV AUC: teacher kept
+        ([(0.8, 0.5), (0.8, 0.4), (0.8, 0.45)], 1),  # equal AUC: the lower CV loss wins
+        ([(0.6, 0.7), (0.7, 0.6), (0.9, 0.4)], 2),  # the best CV AUC wins, whatever the frozen head says
+    ],
+)
+def test_cross_validated_selection(
+    run0: Path, monkeypatch: pytest.MonkeyPatch, cv: list[tuple[float, float]], expected_step: int
+) -> None:
+    from icmil.coupling import finetune as ft
+
+    queue = list(cv)
+    seen_slides: list[set[str]] = []
+
+    def fake_cv(features, labels, cfg, n_classes):  # type: ignore[no-untyped-def]
+        seen_slides.append(set(features))
+        auc, loss = queue.pop(0)
+        return {"cv_auc": auc, "cv_loss": loss, "cv_slides": float(len(features))}
+
+    monkeypatch.setattr(ft, "score_cv", fake_cv)
+    # The frozen head's validation AUC falls at every step: cross-validation must not look at it.
+    frozen = [(0.9, 0.5), (0.6, 0.1), (0.5, 0.0)]
+    monkeypatch.setattr(
+        ft,
+        "score_val",
+        lambda *a, **k: (
+            dict(zip(("val_auc", "val_separation"), frozen.pop(0), strict=True))
+            | {"val_loss": 0.7, "val_slides": 2}
+        ),
+    )
+    cfg, manifest, encoder, head = _inputs(
+        run0,
+        ["coupling.max_steps=2", "coupling.eval_every=1", "coupling.batch_size=8", "coupling.selection=cv"],
+    )
+    res = finetune_encoder(encoder, head, manifest, run0 / "tiles", None, cfg)
+    assert not queue and res.best_step == expected_step
+    assert res.selected["cv_auc"] == cv[expected_step][0]
+    # Candidates are judged on the training AND validation slides, never on test slides.
+    labelled = set(manifest.split("train")["slide_id"]) | set(manifest.split("val")["slide_id"])
+    assert all(s == labelled for s in seen_slides)
+
+
+def test_cross_validated_selection_runs_for_real(run0: Path) -> None:
+    cfg, manifest, encoder, head = _inputs(
+        run0,
+        [
+            "coupling.max_steps=2",
+            "coupling.eval_every=2",
+            "coupling.selection=cv",
+            "coupling.cv_epochs=2",
+            "coupling.cv_folds=2",
+        ],
+    )
+    res = finetune_encoder(encoder, head, manifest, run0 / "tiles", None, cfg)
+    hist = res.history.dropna(subset=["cv_auc"])
+    assert list(hist["step"]) == [0, 2]
+    assert np.isfinite(hist["cv_loss"]).all() and (hist["cv_slides"] == 12).all()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["coupling.train_blocks=1"],
+        ["coupling.lora_rank=2"],
+        ["coupling.feature_anchor=1.0", "coupling.target_temperature=0.5", "coupling.warmup_steps=2"],
+        ["coupling.random_teacher=true"],
+    ],
+    ids=["last_block", "lora", "anchor_sharpen_warmup", "random_teacher"],
+)
+def test_stage_two_options_train_and_return_a_plain_encoder(run0: Path, extra: list[str]) -> None:
+    cfg, manifest, encoder, head = _inputs(
+        run0,
+        [
+            "coupling.max_steps=3",
+            "coupling.eval_every=3",
+            "coupling.selection=last",
+            "coupling.lr=1e-2",
+            *extra,
+        ],
+    )
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    res = finetune_encoder(encoder, head, manifest, run0 / "tiles", None, cfg)
+    after = res.encoder.state_dict()
+    assert sorted(after) == sorted(before)  # the encoder's own layout (LoRA merged back)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed
+    if "coupling.train_blocks=1" in extra:
+        # Only the last block (backbone.3) learns; frozen blocks keep even their BatchNorm statistics.
+        assert all(k.startswith("backbone.3.") for k in changed)
+    if "coupling.feature_anchor=1.0" in extra:
+        assert "train_loss_f" in res.history.columns or "loss_f" in res.history.columns

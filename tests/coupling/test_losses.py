@@ -189,3 +189,43 @@ def test_frozen_student_bn_keeps_running_statistics() -> None:
         assert (not torch.equal(before, pair.student_encoder.bn.running_mean)) == moves
     with pytest.raises(ValueError, match="student_bn"):
         make_teacher_student(enc, TinyHead(), student_bn="bogus")
+
+
+def test_feature_anchor_is_the_scaled_squared_distance_and_moves_only_the_encoder() -> None:
+    pair = _pair(3)
+    x, x_aug = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
+    t = teacher_outputs(pair.teacher_encoder, pair.teacher_head, x)
+    with torch.no_grad():
+        anchor = pair.teacher_encoder(x_aug)
+    scale = torch.linspace(0.5, 2.0, anchor.shape[1])
+    plain = coupling_losses(t, pair.student_encoder, pair.student_head, x_aug)
+    anchored = coupling_losses(
+        t,
+        pair.student_encoder,
+        pair.student_head,
+        x_aug,
+        anchor_features=anchor,
+        anchor_scale=scale,
+        weight_anchor=2.0,
+    )
+    with torch.no_grad():
+        expected = (((pair.student_encoder(x_aug) - anchor) / scale) ** 2).mean().item()
+    assert plain.feature_anchor is None and "loss_f" not in plain.as_floats()
+    assert anchored.feature_anchor is not None
+    assert anchored.feature_anchor.item() == pytest.approx(expected, rel=1e-5)
+    assert anchored.total.item() == pytest.approx(plain.total.item() + 2.0 * expected, rel=1e-5)
+    pair.student_encoder.zero_grad()
+    pair.student_head.zero_grad()
+    anchored.feature_anchor.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.student_encoder.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in pair.student_head.parameters())
+
+
+def test_sharpened_targets_keep_the_ranking_and_move_towards_one_hot() -> None:
+    from icmil.coupling.losses import sharpen
+
+    p = torch.tensor([[0.6, 0.4], [0.2, 0.8], [0.5, 0.5]])
+    assert torch.equal(sharpen(p, 1.0), p)
+    s = sharpen(p, 0.5)
+    assert torch.allclose(s.sum(-1), torch.ones(3))
+    assert s[0, 0] > 0.6 and s[1, 1] > 0.8 and s[2, 0] == pytest.approx(0.5)

@@ -293,3 +293,47 @@ def test_head_inputs_are_standardised_with_training_statistics_only(tmp_path: Pa
     )
     raw = load_mil_head(off.out_dir)
     assert float(raw.dimred.input_mean.abs().sum()) == 0.0 and float(raw.dimred.input_scale.min()) == 1.0
+
+
+def test_selection_on_validation_loss_with_a_minimum_of_epochs(
+    cohort: tuple[Path, Path, dict[str, list[list[float]]]], tmp_path: Path
+) -> None:
+    manifest, feats, _ = cohort
+    res = train_mil_head(
+        manifest,
+        feats,
+        tmp_path / "loss",
+        config("abmil", epochs=6, selection="loss", min_epochs=3, max_heatmaps=0),
+    )
+    hist = pd.read_csv(tmp_path / "loss" / "history.csv")
+    eligible = hist[hist["epoch"] >= 3]
+    assert res.best_epoch == int(eligible.loc[eligible["val_loss"].idxmin(), "epoch"])
+    assert (hist.loc[hist["epoch"] < 3, "best_epoch"] == 0).all()  # nothing selected before min_epochs
+
+
+def test_weight_average_is_what_is_selected_and_saved(
+    cohort: tuple[Path, Path, dict[str, list[list[float]]]], tmp_path: Path
+) -> None:
+    manifest, feats, _ = cohort
+    cfg = config("abmil", epochs=3, ema=0.9, max_heatmaps=0)
+    res = train_mil_head(manifest, feats, tmp_path / "ema", cfg)
+    saved = load_mil_head(tmp_path / "ema")
+    live = load_mil_head(tmp_path / "ema")  # same architecture; load the live weights from the checkpoint
+    from safetensors.torch import load_file
+
+    live.load_state_dict(
+        load_file(str(tmp_path / "ema" / "checkpoint" / f"model-{res.epochs_run}.safetensors"))
+    )
+    average = load_file(str(tmp_path / "ema" / "checkpoint" / f"average-{res.epochs_run}.safetensors"))
+    assert any(not torch.equal(average[k], v) for k, v in live.state_dict().items())
+    if res.best_epoch == res.epochs_run:
+        assert all(torch.equal(average[k], v) for k, v in saved.state_dict().items())
+
+
+def test_small_bags_train_on_one_thread_and_the_count_is_restored() -> None:
+    from icmil.mil.train import intra_op_threads
+
+    torch.set_num_threads(2)
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
