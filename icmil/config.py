@@ -302,6 +302,9 @@ class CouplingConfig(_Section):
         gt=0,
         description="temperature applied to the teacher's instance probabilities in L_c (<1 sharpens)",
     )
+    checkpoint: bool = Field(
+        True, description="save the stage-2 state at every evaluation so a killed run resumes from there"
+    )
     amp: bool = True
     channels_last: bool = True
     num_workers: int = Field(2, ge=0)

@@ -1,27 +1,28 @@
 """Stage 2 of ICMIL: fine-tune the patch embedder as the student of the bag classifier's instance teacher.
 
-One call = one round's fine-tuning (METHOD.md, faithful by default):
+One call = one round's fine-tuning (docs/method.md; faithful by default, improvements are options):
 
 * teacher = frozen copy of (encoder, DimRed, head) in eval mode on the clean patch; student = trainable copy
-  (ALL encoder layers) on the augmented view (flips + RandomResizedCrop(0.5–1), batched on the device);
-* loss ``L_c + 0.5·L_w1 + 0.5·L_w2`` (:mod:`icmil.coupling.losses`), Adam lr 1e-5, wd 1e-4, batches of 100
-  random patches read straight from the TRAINING slides' tiles;
+  (all encoder layers, or the last N blocks, or LoRA adapters) on the augmented view (flips +
+  RandomResizedCrop(0.5–1), batched on the device);
+* loss ``L_c + 0.5·L_w1 + 0.5·L_w2`` (:mod:`icmil.coupling.losses`), Adam, batches of random patches read
+  straight from the TRAINING slides' tiles;
 * options: TMI confidence weights (β per head), hard negatives, balanced sampler, per-slide confidence,
-  stain/colour augmentation (CouplingConfig);
-* selection on a slide-level signal: every ``eval_every`` steps the VALIDATION slides are re-embedded with the
-  student and scored by the frozen bag head; the best student by (val AUC, then val separation — the
-  shift/scale-invariant correlation of slide log-odds with the labels) is kept. Step 0 — the teacher itself — is a candidate and wins ties, so coupling never returns an encoder that
-  scores worse on validation than the one it started from. Distance to the teacher is never used.
+  stain/colour augmentation, sharpened targets, a feature anchor, warm-up (CouplingConfig);
+* selection (:mod:`icmil.coupling.selection`): every ``eval_every`` steps the candidate encoder is judged — by
+  default by the cross-validated AUC of a bag head refit on its train + val features. Step 0 — the teacher
+  itself — is a candidate and wins ties, so coupling returns the teacher when no student is better.
 
-On CUDA: bf16 autocast and channels_last. Outputs (``out_dir``): ``weights.safetensors`` + ``config.json``
-(the selected encoder, :func:`icmil.features.save_encoder`), ``history.csv`` (losses per step, val metrics
-per evaluation) and ``finetune.json`` (selection, throughput, settings) — written last, it marks completion.
+A killed run resumes from its last evaluation (:mod:`icmil.coupling.checkpoint`). On CUDA: bf16 autocast and
+channels_last. Outputs (``out_dir``): ``weights.safetensors`` + ``config.json`` (the selected encoder,
+:func:`icmil.features.save_encoder`), ``history.csv`` (losses per step, metrics per evaluation) and
+``finetune.json`` (selection, throughput, settings) — written last, it marks completion.
 
 Example:
     >>> res = finetune_encoder(encoder, head, manifest, "run/tiles", "run/round_1/encoder", cfg,
     ...                        features_dir="run/round_0/features")  # doctest: +SKIP
-    >>> res.best_step, res.selected["val_auc"] >= res.teacher_eval["val_auc"]  # doctest: +SKIP
-    (150, True)
+    >>> res.best_step, res.selected["cv_auc"] >= res.teacher_eval["cv_auc"]  # doctest: +SKIP
+    (40, True)
 """
 
 from __future__ import annotations
@@ -31,24 +32,26 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from icmil.config import ICMILConfig
 from icmil.coupling.augment import student_view
+from icmil.coupling.checkpoint import Stage2Checkpoint
 from icmil.coupling.confidence import confidence_weights, normalised_scores, raw_confidence_scores
 from icmil.coupling.data import TrainBatches, ValEmbedder, build_pool, slide_sources, train_loader
-from icmil.coupling.losses import coupling_losses, sharpen, teacher_outputs
-from icmil.coupling.teacher import make_teacher_student
+from icmil.coupling.losses import CouplingLosses, coupling_losses, sharpen, teacher_outputs
+from icmil.coupling.selection import describe, loggable, score_cv, score_val, selection_key
+from icmil.coupling.teacher import TeacherStudent, make_teacher_student
 from icmil.errors import ConfigError, ICMILError
-from icmil.io import write_json_atomic, write_text_atomic
+from icmil.io import text_digest, write_json_atomic, write_text_atomic
 from icmil.log import get_logger
 from icmil.manifest import Manifest
 from icmil.mil.base import MILHead
@@ -150,121 +153,290 @@ def _amp_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-@torch.no_grad()
-def separation(labels: np.ndarray, logits: np.ndarray) -> float:
-    """How well slide log-odds separate the classes, invariant to any shift or scale of the logits: the
-    point-biserial correlation between "is class c" and ``logit_c − logsumexp(other logits)``, averaged over
-    classes (one class for binary). In [−1, 1]; NaN with a single class.
+OPTION_FIELDS = (
+    "selection",
+    "student_bn",
+    "confidence",
+    "hard_negatives",
+    "balanced_sampler",
+    "per_slide_confidence",
+    "stain_augment",
+    "train_blocks",
+    "lora_rank",
+    "encoder_lr",
+    "warmup_steps",
+    "feature_anchor",
+    "target_temperature",
+    "random_teacher",
+)
 
-    >>> round(separation(np.array([0, 0, 1, 1]), np.array([[0, -1], [0, -2], [0, 1], [0, 3]])), 3)
-    0.911
+
+def check_options(cfg: ICMILConfig, head: MILHead, features_dir: object) -> None:
+    """Refuse option combinations that cannot work, naming the settings."""
+    cc = cfg.coupling
+    if cc.per_slide_confidence and not cc.confidence:
+        raise ConfigError(
+            "coupling.per_slide_confidence normalises the confidence weights per slide; it needs "
+            "coupling.confidence=true"
+        )
+    if (cc.balanced_sampler or cc.per_slide_confidence) and features_dir is None:
+        raise ConfigError(
+            "coupling.balanced_sampler / per_slide_confidence need the round's features "
+            "(features_dir) for the teacher's per-patch scores"
+        )
+    if cc.negative_class_index >= head.n_classes:
+        raise ConfigError(
+            f"coupling.negative_class_index={cc.negative_class_index} but the head has "
+            f"{head.n_classes} classes"
+        )
+
+
+class Stage2:
+    """The working parts of one fine-tuning call: data, teacher and student, optimiser, the candidate judge.
+
+    Built once by :func:`finetune_encoder`; :meth:`train_step` runs one optimiser step and :meth:`evaluate`
+    judges an encoder. Inputs are never modified (the teacher and student are copies).
     """
-    y = np.asarray(labels)
-    z = np.asarray(logits, dtype=float)
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    classes = [1] if z.shape[1] == 2 else list(range(z.shape[1]))
-    values = []
-    for c in classes:
-        others = np.delete(z, c, axis=1)
-        log_odds = z[:, c] - np.logaddexp.reduce(others, axis=1)
-        is_c = (y == c).astype(float)
-        if is_c.std() == 0:
-            continue
-        sd = log_odds.std()
-        values.append(0.0 if sd < 1e-12 else float(np.corrcoef(is_c, log_odds)[0, 1]))
-    return float(np.mean(values)) if values else float("nan")
 
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        head: MILHead,
+        manifest: Manifest,
+        tiles_dir: str | os.PathLike[str],
+        cfg: ICMILConfig,
+        features_dir: str | os.PathLike[str] | None,
+    ) -> None:
+        from icmil.features.embed import resolve_device
 
-@torch.no_grad()
-def score_val(
-    head: MILHead, features: Mapping[str, np.ndarray], labels: Mapping[str, int], device: torch.device
-) -> dict[str, float]:
-    """Slide-level validation signal of ``features`` under the frozen bag ``head``: AUC (one-vs-rest macro for
-    more than two classes; NaN with a single class), :func:`separation` of the slide log-odds, and the mean
-    cross-entropy (reported, not used for selection: a head scoring features it was not trained on is
-    miscalibrated by any uniform shift of those features, which says nothing about their ranking)."""
-    from sklearn.metrics import roc_auc_score
+        check_options(cfg, head, features_dir)
+        self.cfg, self.cc = cfg, cfg.coupling
+        cc = self.cc
+        self.beta = resolve_beta(cfg, head.name) if cc.confidence else 0.0
+        self.device = resolve_device(cc.device)
+        self.amp_dtype = _amp_dtype(cc.amp, self.device)
+        self.n_classes = head.n_classes
+        slides = manifest.slides
+        self.labels = dict(
+            zip(slides["slide_id"].astype(str), slides["label_index"].astype(int), strict=True)
+        )
+        self.teacher_digest = _digest_of(encoder)
+        self._build_data(manifest, tiles_dir, features_dir, encoder, head)
+        self._build_optimiser()
 
-    head.eval()
-    logits_all, ys, losses = [], [], []
-    # DTFD and friends draw random pseudo-bags in training only, but fix the RNG anyway: selection must be
-    # a deterministic function of the encoder.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for sid, feats in features.items():
-            out = head(torch.from_numpy(feats).to(device))
-            logits = out.logits.float().view(1, -1)
-            y = torch.tensor([int(labels[sid])], device=logits.device)
-            losses.append(float(F.cross_entropy(logits, y)))
-            logits_all.append(logits[0].cpu().numpy())
-            ys.append(int(labels[sid]))
-    z = np.stack(logits_all) if logits_all else np.zeros((0, 2))
-    p = torch.from_numpy(z).softmax(-1).numpy()
-    y_arr = np.asarray(ys)
-    auc = float("nan")
-    if len(np.unique(y_arr)) >= 2:
-        if p.shape[1] == 2:
-            auc = float(roc_auc_score(y_arr, p[:, 1]))
+    # ---------------------------------------------------------------------------------------- building
+    def _build_data(
+        self,
+        manifest: Manifest,
+        tiles_dir: str | os.PathLike[str],
+        features_dir: str | os.PathLike[str] | None,
+        encoder: torch.nn.Module,
+        head: MILHead,
+    ) -> None:
+        """Training patches only from training slides; candidates judged on val (and train, for cv) slides."""
+        cfg, cc = self.cfg, self.cc
+        train_rows, val_rows = manifest.split("train"), manifest.split("val")
+        check_split(manifest, set(train_rows["slide_id"].astype(str)))
+        if val_rows.empty:
+            raise ConfigError(
+                "coupling selects the student on validation slides but the split has none; "
+                "set val_fraction > 0 or add split=val rows to the manifest"
+            )
+        train_sources, _ = slide_sources(train_rows, tiles_dir, cfg.cache_dir)
+        val_sources, self.val_failures = slide_sources(val_rows, tiles_dir, cfg.cache_dir)
+        if not val_sources:
+            raise ICMILError(f"coupling: no validation slide is readable: {self.val_failures}")
+        if cc.random_teacher:
+            head = random_head_like(head, seed=cc.seed)
+        self.pair: TeacherStudent = make_teacher_student(
+            encoder,
+            head,
+            student_bn=cc.student_bn,
+            train_blocks=cc.train_blocks,
+            lora_rank=cc.lora_rank,
+            lora_alpha=cc.lora_alpha,
+        )
+        self.head_digest = text_digest(
+            *(t.detach().cpu().numpy().tobytes() for t in head.state_dict().values())
+        )
+        self.pool, pool_sources = build_pool(
+            train_sources,
+            self.labels,
+            self.pair.teacher_head,
+            features_dir,
+            encoder_digest=self.teacher_digest,
+            negative_class=cc.negative_class_index,
+        )
+        check_split(manifest, set(self.pool.slide_ids))  # the pool itself, after every filtering step
+        self.pool_sources = pool_sources
+        self.pair.to(self.device, channels_last=cc.channels_last)
+        # Cross-validation re-embeds the training slides too (capped per slide: a fixed subset).
+        judged = [*train_sources, *val_sources] if cc.selection == "cv" else val_sources
+        self.val_ids = {s.slide_id for s in val_sources}
+        self.judge = ValEmbedder(
+            judged,
+            batch_size=cfg.embed.batch_size,
+            num_workers=min(cc.num_workers, 2),
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=cc.channels_last,
+            max_patches=cc.eval_max_patches,
+            seed=cc.seed,
+        )
+        self.slide_label_t = torch.as_tensor(self.pool.slide_labels)
+        self.slide_index_t = torch.as_tensor(self.pool.slide_index)
+        conf = self.pool.slide_confidence
+        self.slide_conf_t = torch.as_tensor(conf) if conf is not None else None
+
+    def _build_optimiser(self) -> None:
+        cc, pair = self.cc, self.pair
+        groups = [{"params": list(pair.head_parameters()), "lr": cc.lr}]
+        encoder_params = list(pair.encoder_parameters())
+        if encoder_params:
+            groups.append(
+                {"params": encoder_params, "lr": cc.encoder_lr if cc.encoder_lr is not None else cc.lr}
+            )
+        self.optimizer = torch.optim.Adam(groups, lr=cc.lr, weight_decay=cc.weight_decay)
+        warmup = max(cc.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        # Per-dimension sd of the training patches' features (the head's standardisation): the unit of L_f.
+        scale = getattr(getattr(pair.teacher_head, "dimred", None), "input_scale", None)
+        self.anchor_scale = (
+            scale.detach().to(self.device) if cc.feature_anchor > 0 and scale is not None else None
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cc.seed)
+
+    def run_key(self) -> str:
+        """What a resumable checkpoint must match: the settings and the teacher (encoder and head)."""
+        return text_digest(self.cfg.digest(), self.teacher_digest, self.head_digest, "stage2-v1")
+
+    def loader(self, resume_step: int) -> DataLoader[Any]:
+        """Training batches (a sampler re-seeded by the step a resumed run starts from)."""
+        cc = self.cc
+        seed = cc.seed if resume_step == 0 else cc.seed + 1_000_003 * resume_step
+        batches = TrainBatches(
+            self.pool,
+            self.pool_sources,
+            cc.batch_size,
+            cc.balanced_sampler,
+            seed,
+            cc.balanced_positive_fraction,
+        )
+        return train_loader(batches, cc.num_workers, pin_memory=self.device.type == "cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------------------------- work
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Judge an encoder: the frozen head on the val slides, plus cross-validation when selection is cv."""
+        feats = self.judge.embed(model)
+        val = {k: v for k, v in feats.items() if k in self.val_ids}
+        metrics = score_val(self.pair.teacher_head, val, self.labels, self.device)
+        if self.cc.selection == "cv":
+            metrics |= score_cv(feats, self.labels, self.cfg, self.n_classes)
+        return metrics
+
+    def _targets(self, idx: torch.Tensor, probs: torch.Tensor) -> torch.Tensor | None:
+        """L_c's target: the teacher's probabilities, sharpened, with hard negatives (None = unchanged)."""
+        cc = self.cc
+        target = sharpen(probs, cc.target_temperature) if cc.target_temperature != 1.0 else None
+        if cc.hard_negatives:
+            neg = (self.slide_label_t[self.slide_index_t[idx]] == cc.negative_class_index).to(self.device)
+            onehot = F.one_hot(torch.tensor(cc.negative_class_index), self.n_classes).float().to(self.device)
+            target = torch.where(neg[:, None], onehot[None, :], target if target is not None else probs)
+        return target
+
+    def _weights(self, idx: torch.Tensor, t_out: Any) -> torch.Tensor | None:
+        """TMI confidence weights of each patch's L_c (None when the option is off)."""
+        cc = self.cc
+        if not cc.confidence:
+            return None
+        if self.slide_conf_t is not None and cc.per_slide_confidence:
+            a_norm = self.slide_conf_t[idx].to(self.device)
         else:
-            auc = float(roc_auc_score(y_arr, p, multi_class="ovr", labels=list(range(p.shape[1]))))
-    return {
-        "val_auc": auc,
-        "val_separation": separation(y_arr, z),
-        "val_loss": float(np.mean(losses)) if losses else float("nan"),
-        "val_slides": len(ys),
-    }
+            raw = raw_confidence_scores(
+                self.pair.teacher_head, t_out.features.float(), t_out.logits, cc.negative_class_index
+            )
+            a_norm = normalised_scores(raw)
+        return confidence_weights(a_norm, self.beta)
+
+    def train_step(self, idx: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on a batch of clean uint8 patches ``x`` (pool indices ``idx``)."""
+        cc, pair = self.cc, self.pair
+        x = x.to(self.device, non_blocking=True)
+        if cc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            t_out = teacher_outputs(pair.teacher_encoder, pair.teacher_head, x)
+        x_student = student_view(
+            x,
+            crop_scale=cc.crop_scale,
+            stain=cc.stain_augment,
+            stain_sigma=cc.stain_sigma,
+            color=cc.color_jitter,
+            generator=self.generator,
+        )
+        if cc.channels_last:
+            x_student = x_student.contiguous(memory_format=torch.channels_last)
+        anchor = None
+        if cc.feature_anchor > 0:
+            with torch.no_grad(), self.autocast():
+                anchor = pair.teacher_encoder(x_student)
+        weights = self._weights(idx, t_out)
+        with self.autocast():
+            losses: CouplingLosses = coupling_losses(
+                t_out,
+                pair.student_encoder,
+                pair.student_head,
+                x_student,
+                target_probs=self._targets(idx, t_out.probs),
+                sample_weights=weights,
+                weight_head=cc.loss_weight_wide1,
+                weight_trunk=cc.loss_weight_wide2,
+                anchor_features=anchor,
+                anchor_scale=self.anchor_scale,
+                weight_anchor=cc.feature_anchor,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        values = losses.as_floats()
+        if weights is not None:
+            values["conf_weight_mean"] = float(weights.mean())
+        return values
 
 
-def _selection_key(metrics: Mapping[str, float], selection: str = "val") -> tuple[float, float]:
-    """Bigger is better; NaN counts as worst. ``val``: (frozen-head val AUC, val separation); ``cv``:
-    (cross-validated AUC of a refit head, minus its cross-validated loss)."""
+@dataclass
+class _Progress:
+    """Where the loop stands; what a checkpoint stores besides tensors."""
 
-    def val(k: str, sign: float = 1.0) -> float:
-        v = metrics.get(k, float("nan"))
-        return -math.inf if v is None or math.isnan(v) else sign * float(v)
+    teacher: dict[str, float]
+    history: list[dict[str, Any]]
+    best_key: tuple[float, float]
+    best_step: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    evals_since_best: int = 0
+    step: int = 0
+    n_patches: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    running: dict[str, float] = field(default_factory=dict)
+    running_n: int = 0
 
-    if selection == "cv":
-        return (val("cv_auc"), val("cv_loss", -1.0))
-    return (val("val_auc"), val("val_separation"))
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if k == "best_key" else v) for k, v in self.__dict__.items()}
 
-
-SELECTION_METRICS = ("val_auc", "val_separation", "val_loss", "cv_auc", "cv_loss")
-
-
-def _loggable(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: float(metrics[k]) for k in SELECTION_METRICS if k in metrics}
-
-
-def _describe(metrics: Mapping[str, float]) -> str:
-    text = (
-        f"frozen-head val AUC {metrics['val_auc']:.4f}, separation {metrics['val_separation']:.4f}, "
-        f"loss {metrics['val_loss']:.4f} ({int(metrics['val_slides'])} slides)"
-    )
-    if "cv_auc" in metrics:
-        text += f"; refit-head CV AUC {metrics['cv_auc']:.4f}, loss {metrics['cv_loss']:.4f}"
-    return text
-
-
-def score_cv(
-    features: Mapping[str, np.ndarray], labels: Mapping[str, int], cfg: ICMILConfig, n_classes: int
-) -> dict[str, float]:
-    """Cross-validated AUC and loss of a bag head trained afresh on ``features`` (train + val slides): what
-    the retrained head of the next stage can make of an encoder (:mod:`icmil.mil.crossval`)."""
-    from icmil.mil.crossval import crossval_score
-
-    ids = sorted(features)
-    bags = [torch.from_numpy(np.ascontiguousarray(features[i], dtype=np.float32)) for i in ids]
-    res = crossval_score(
-        bags,
-        [int(labels[i]) for i in ids],
-        cfg.mil,
-        n_classes,
-        folds=cfg.coupling.cv_folds,
-        epochs=cfg.coupling.cv_epochs,
-        seed=cfg.coupling.seed,
-    )
-    return {"cv_auc": res.auc, "cv_loss": res.loss, "cv_slides": float(len(ids))}
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Progress:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["best_key"] = tuple(fields["best_key"])
+        return cls(**fields)
 
 
 def finetune_encoder(
@@ -287,316 +459,187 @@ def finetune_encoder(
     embedded cleanly. Required for those two options. ``run``: a tracker stage run (metrics per step/eval).
     ``step_callback(step, metrics)`` is called after every optimiser step and evaluation (may raise to stop).
     ``eval_callback(step, encoder)`` sees the encoder being evaluated (step 0: the teacher) right after each
-    evaluation, for diagnostics that need the weights themselves (it must not modify them).
+    evaluation, for diagnostics that need the weights themselves (it must not modify them). With ``out_dir`` the
+    state is checkpointed at every evaluation and a rerun resumes from the last one.
     Inputs are not modified; the returned encoder is a new module on the CPU.
     """
-    cc = cfg.coupling
     t_start = time.perf_counter()
-    if cc.per_slide_confidence and not cc.confidence:
-        raise ConfigError(
-            "coupling.per_slide_confidence normalises the confidence weights per slide; it needs "
-            "coupling.confidence=true"
-        )
-    if (cc.balanced_sampler or cc.per_slide_confidence) and features_dir is None:
-        raise ConfigError(
-            "coupling.balanced_sampler / per_slide_confidence need the round's features "
-            "(features_dir) for the teacher's per-patch scores"
-        )
-    if cc.negative_class_index >= head.n_classes:
-        raise ConfigError(
-            f"coupling.negative_class_index={cc.negative_class_index} but the head has "
-            f"{head.n_classes} classes"
-        )
-    beta = resolve_beta(cfg, head.name) if cc.confidence else 0.0
-    from icmil.features.embed import resolve_device
-
-    device = resolve_device(cc.device)
-    amp_dtype = _amp_dtype(cc.amp, device)
-    labels = dict(
-        zip(manifest.slides["slide_id"].astype(str), manifest.slides["label_index"].astype(int), strict=True)
-    )
-
-    # ---- data: training patches only from training slides; validation slides for selection
-    train_rows, val_rows = manifest.split("train"), manifest.split("val")
-    check_split(manifest, set(train_rows["slide_id"].astype(str)))
-    if val_rows.empty:
-        raise ConfigError(
-            "coupling selects the student on validation slides but the split has none; "
-            "set val_fraction > 0 or add split=val rows to the manifest"
-        )
-    train_sources, _ = slide_sources(train_rows, tiles_dir, cfg.cache_dir)
-    val_sources, val_failures = slide_sources(val_rows, tiles_dir, cfg.cache_dir)
-    if not val_sources:
-        raise ICMILError(f"coupling: no validation slide is readable: {val_failures}")
-
-    if cc.random_teacher:
-        head = random_head_like(head, seed=cc.seed)
-    pair = make_teacher_student(
-        encoder,
-        head,
-        student_bn=cc.student_bn,
-        train_blocks=cc.train_blocks,
-        lora_rank=cc.lora_rank,
-        lora_alpha=cc.lora_alpha,
-    )
-    digest_fn = getattr(encoder, "digest", None)
-    pool, pool_sources = build_pool(
-        train_sources,
-        labels,
-        pair.teacher_head,
-        features_dir,
-        encoder_digest=digest_fn() if callable(digest_fn) else None,
-        negative_class=cc.negative_class_index,
-    )
-    check_split(manifest, set(pool.slide_ids))  # the pool itself, after every filtering step
-    pair.to(device, channels_last=cc.channels_last)
-
-    # Selection by cross-validation re-embeds the training slides too (capped per slide, a fixed subset).
-    select_sources = val_sources
-    if cc.selection == "cv":
-        select_sources = [*slide_sources(train_rows, tiles_dir, cfg.cache_dir)[0], *val_sources]
-    val_ids = {s.slide_id for s in val_sources}
-    valer = ValEmbedder(
-        select_sources,
-        batch_size=cfg.embed.batch_size,
-        num_workers=min(cc.num_workers, 2),
-        device=device,
-        amp_dtype=amp_dtype,
-        channels_last=cc.channels_last,
-        max_patches=cc.eval_max_patches,
-        seed=cc.seed,
-    )
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        feats = valer.embed(model)
-        metrics = score_val(
-            pair.teacher_head, {k: v for k, v in feats.items() if k in val_ids}, labels, device
-        )
-        if cc.selection == "cv":
-            metrics |= score_cv(feats, labels, cfg, head.n_classes)
-        return metrics
-
-    groups = [{"params": list(pair.head_parameters()), "lr": cc.lr}]
-    encoder_params = list(pair.encoder_parameters())
-    if encoder_params:
-        groups.append({"params": encoder_params, "lr": cc.encoder_lr if cc.encoder_lr is not None else cc.lr})
-    optimizer = torch.optim.Adam(groups, lr=cc.lr, weight_decay=cc.weight_decay)
-    warmup = max(cc.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
-    # Per-dimension sd of the training patches' features (the head's standardisation): the unit of L_f.
-    anchor_scale = getattr(getattr(pair.teacher_head, "dimred", None), "input_scale", None)
-    if cc.feature_anchor > 0 and anchor_scale is not None:
-        anchor_scale = anchor_scale.detach().to(device)
-    gen = torch.Generator(device=device).manual_seed(cc.seed)
-    batches = TrainBatches(
-        pool, pool_sources, cc.batch_size, cc.balanced_sampler, cc.seed, cc.balanced_positive_fraction
-    )
-    loader = train_loader(batches, cc.num_workers, pin_memory=device.type == "cuda")
-    slide_label_t = torch.as_tensor(pool.slide_labels)
-    slide_index_t = torch.as_tensor(pool.slide_index)
-    slide_conf_t = torch.as_tensor(pool.slide_confidence) if pool.slide_confidence is not None else None
-    autocast = (
-        (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype))
-        if amp_dtype is not None
-        else (contextlib.nullcontext)
-    )
-
-    # ---- step 0: the teacher is the first candidate
-    t_eval = time.perf_counter()
-    teacher_metrics = evaluate(pair.teacher_encoder)
-    eval_seconds = time.perf_counter() - t_eval
-    log.info("coupling step 0 (teacher): %s", _describe(teacher_metrics))
-    history: list[dict[str, Any]] = [{"step": 0, **teacher_metrics, "selected": True}]
-    if run is not None:
-        run.log_metrics(_loggable(teacher_metrics), step=0)
-    if step_callback is not None:
-        step_callback(0, dict(teacher_metrics))
-    if eval_callback is not None:
-        eval_callback(0, pair.teacher_encoder)
-    best_key, best_step, best_metrics = (
-        _selection_key(teacher_metrics, cc.selection),
-        0,
-        dict(teacher_metrics),
-    )
+    s2 = Stage2(encoder, head, manifest, tiles_dir, cfg, features_dir)
+    cc, pair = s2.cc, s2.pair
+    ckpt = Stage2Checkpoint(out_dir, s2.run_key()) if out_dir is not None and cc.checkpoint else None
+    resumed = ckpt.load(pair, s2.optimizer, s2.scheduler, s2.generator) if ckpt is not None else None
     best_state: dict[str, torch.Tensor] | None = None  # None = the teacher
-    evals_since_best, stop_reason, step = 0, "max_steps", 0
-    n_patches, train_seconds = 0, 0.0
-    running: dict[str, float] = {}
-    running_n = 0
-
-    it = iter(loader)
+    if resumed is not None:
+        progress, best_state = _Progress.from_json(resumed[0]), resumed[1]
+        pair.train_student()
+    else:
+        progress = _evaluate_teacher(s2, run, step_callback, eval_callback)
+    stop_reason = "max_steps"
+    it = iter(s2.loader(progress.step))
     t_train = time.perf_counter()
     try:
-        for step in range(1, cc.max_steps + 1):
+        for step in range(progress.step + 1, cc.max_steps + 1):
             idx, x = next(it)
-            x = x.to(device, non_blocking=True)
-            if cc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                t_out = teacher_outputs(pair.teacher_encoder, pair.teacher_head, x)
-            x_student = student_view(
-                x,
-                crop_scale=cc.crop_scale,
-                stain=cc.stain_augment,
-                stain_sigma=cc.stain_sigma,
-                color=cc.color_jitter,
-                generator=gen,
-            )
-            if cc.channels_last:
-                x_student = x_student.contiguous(memory_format=torch.channels_last)
-            target = sharpen(t_out.probs, cc.target_temperature) if cc.target_temperature != 1.0 else None
-            if cc.hard_negatives:
-                neg = (slide_label_t[slide_index_t[idx]] == cc.negative_class_index).to(device)
-                onehot = F.one_hot(torch.tensor(cc.negative_class_index), head.n_classes).float().to(device)
-                soft = target if target is not None else t_out.probs
-                target = torch.where(neg[:, None], onehot[None, :], soft)
-            anchor = None
-            if cc.feature_anchor > 0:
-                with torch.no_grad(), autocast():
-                    anchor = pair.teacher_encoder(x_student)
-            weights = None
-            if cc.confidence:
-                if slide_conf_t is not None and cc.per_slide_confidence:
-                    a_norm = slide_conf_t[idx].to(device)
-                else:
-                    raw = raw_confidence_scores(
-                        pair.teacher_head, t_out.features.float(), t_out.logits, cc.negative_class_index
-                    )
-                    a_norm = normalised_scores(raw)
-                weights = confidence_weights(a_norm, beta)
-            with autocast():
-                losses = coupling_losses(
-                    t_out,
-                    pair.student_encoder,
-                    pair.student_head,
-                    x_student,
-                    target_probs=target,
-                    sample_weights=weights,
-                    weight_head=cc.loss_weight_wide1,
-                    weight_trunk=cc.loss_weight_wide2,
-                    anchor_features=anchor,
-                    anchor_scale=anchor_scale if cc.feature_anchor > 0 else None,
-                    weight_anchor=cc.feature_anchor,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            optimizer.step()
-            scheduler.step()
-            n_patches += int(x.shape[0])
-            values = losses.as_floats()
-            if weights is not None:
-                values["conf_weight_mean"] = float(weights.mean())
+            values = s2.train_step(idx, x)
+            progress.step, progress.n_patches = step, progress.n_patches + int(x.shape[0])
             for k, v in values.items():
-                running[k] = running.get(k, 0.0) + v
-            running_n += 1
+                progress.running[k] = progress.running.get(k, 0.0) + v
+            progress.running_n += 1
             if not math.isfinite(values["loss"]):
                 raise ICMILError(
                     f"coupling: the loss became {values['loss']} at step {step}; lower coupling.lr"
                 )
-            history.append({"step": step, **values})
+            progress.history.append({"step": step, **values})
             if step_callback is not None:
                 step_callback(step, values)
-
             if step % cc.eval_every == 0 or step == cc.max_steps:
-                if device.type == "cuda":
+                if s2.device.type == "cuda":
                     torch.cuda.synchronize()
-                train_seconds += time.perf_counter() - t_train
-                t_eval = time.perf_counter()
-                metrics = evaluate(pair.student_encoder)
-                pair.train_student()  # evaluation switched the student to eval mode and back
-                eval_seconds += time.perf_counter() - t_eval
-                mean_losses = {f"train_{k}": v / max(running_n, 1) for k, v in running.items()}
-                running, running_n = {}, 0
-                key = _selection_key(metrics, cc.selection)
-                improved = key > best_key or cc.selection == "last"
+                progress.train_seconds += time.perf_counter() - t_train
+                improved = _evaluate_student(s2, progress, run, step_callback, eval_callback)
                 if improved:
-                    best_key, best_step, best_metrics = key, step, dict(metrics)
                     best_state = pair.student_encoder_state()
-                    evals_since_best = 0
-                else:
-                    evals_since_best += 1
-                history.append({"step": step, **metrics, "selected": improved})
-                log.info(
-                    "coupling step %d: %s (best: step %d)%s",
-                    step,
-                    _describe(metrics),
-                    best_step,
-                    "  <- new best" if improved else "",
-                )
-                if run is not None:
-                    run.log_metrics({**_loggable(metrics), **mean_losses}, step=step)
-                if step_callback is not None:
-                    step_callback(step, dict(metrics))
-                if eval_callback is not None:
-                    eval_callback(step, pair.student_encoder)
-                    pair.train_student()
-                if cc.patience is not None and evals_since_best >= cc.patience and cc.selection != "last":
+                if ckpt is not None:
+                    ckpt.save(
+                        step, pair, s2.optimizer, s2.scheduler, s2.generator, best_state, progress.to_json()
+                    )
+                if (
+                    cc.patience is not None
+                    and progress.evals_since_best >= cc.patience
+                    and cc.selection != "last"
+                ):
                     stop_reason = "patience"
                     break
                 t_train = time.perf_counter()
     finally:
         del it  # shuts the loader's workers down
+    result = _result(s2, encoder, progress, best_state, stop_reason, time.perf_counter() - t_start)
+    if out_dir is not None:
+        write_finetune_outputs(result, Path(out_dir), cfg)
+        if ckpt is not None:
+            ckpt.remove()
+    return result
 
+
+def _evaluate_teacher(
+    s2: Stage2,
+    run: StageRun | None,
+    step_callback: Callable[[int, dict[str, float]], None] | None,
+    eval_callback: Callable[[int, torch.nn.Module], None] | None,
+) -> _Progress:
+    """Step 0: the teacher is the first candidate."""
+    t_eval = time.perf_counter()
+    metrics = s2.evaluate(s2.pair.teacher_encoder)
+    log.info("coupling step 0 (teacher): %s", describe(metrics))
+    progress = _Progress(
+        teacher=dict(metrics),
+        history=[{"step": 0, **metrics, "selected": True}],
+        best_key=selection_key(metrics, s2.cc.selection),
+        best_metrics=dict(metrics),
+        eval_seconds=time.perf_counter() - t_eval,
+    )
+    if run is not None:
+        run.log_metrics(loggable(metrics), step=0)
+    if step_callback is not None:
+        step_callback(0, dict(metrics))
+    if eval_callback is not None:
+        eval_callback(0, s2.pair.teacher_encoder)
+    return progress
+
+
+def _evaluate_student(
+    s2: Stage2,
+    progress: _Progress,
+    run: StageRun | None,
+    step_callback: Callable[[int, dict[str, float]], None] | None,
+    eval_callback: Callable[[int, torch.nn.Module], None] | None,
+) -> bool:
+    """Judge the current student; update the selection in ``progress``; True when it is the new best."""
+    cc, step = s2.cc, progress.step
+    t_eval = time.perf_counter()
+    metrics = s2.evaluate(s2.pair.student_encoder)
+    s2.pair.train_student()  # evaluation switched the student to eval mode and back
+    progress.eval_seconds += time.perf_counter() - t_eval
+    mean_losses = {f"train_{k}": v / max(progress.running_n, 1) for k, v in progress.running.items()}
+    progress.running, progress.running_n = {}, 0
+    key = selection_key(metrics, cc.selection)
+    improved = tuple(key) > tuple(progress.best_key) or cc.selection == "last"
+    if improved:
+        progress.best_key, progress.best_step, progress.best_metrics = key, step, dict(metrics)
+        progress.evals_since_best = 0
+    else:
+        progress.evals_since_best += 1
+    progress.history.append({"step": step, **metrics, "selected": improved})
+    log.info(
+        "coupling step %d: %s (best: step %d)%s",
+        step,
+        describe(metrics),
+        progress.best_step,
+        "  <- new best" if improved else "",
+    )
+    if run is not None:
+        run.log_metrics({**loggable(metrics), **mean_losses}, step=step)
+    if step_callback is not None:
+        step_callback(step, dict(metrics))
+    if eval_callback is not None:
+        eval_callback(step, s2.pair.student_encoder)
+        s2.pair.train_student()
+    return improved
+
+
+def _result(
+    s2: Stage2,
+    encoder: torch.nn.Module,
+    progress: _Progress,
+    best_state: dict[str, torch.Tensor] | None,
+    stop_reason: str,
+    seconds: float,
+) -> FinetuneResult:
+    cc = s2.cc
     selected = copy.deepcopy(encoder).cpu()
     if best_state is not None:
         selected.load_state_dict(best_state)
     selected.eval()
     result = FinetuneResult(
         encoder=selected,
-        best_step=best_step,
-        selected=best_metrics,
-        teacher_eval=teacher_metrics,
-        steps_run=step,
+        best_step=progress.best_step,
+        selected=progress.best_metrics,
+        teacher_eval=progress.teacher,
+        steps_run=progress.step,
         stop_reason=stop_reason,
-        history=pd.DataFrame(history),
-        seconds=time.perf_counter() - t_start,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
-        patches_per_s=n_patches / train_seconds if train_seconds > 0 else 0.0,
-        n_train_slides=len(pool.slide_ids),
-        n_train_patches=len(pool),
-        n_val_slides=int(teacher_metrics["val_slides"]),
+        history=pd.DataFrame(progress.history),
+        seconds=seconds,
+        train_seconds=progress.train_seconds,
+        eval_seconds=progress.eval_seconds,
+        patches_per_s=progress.n_patches / progress.train_seconds if progress.train_seconds > 0 else 0.0,
+        n_train_slides=len(s2.pool.slide_ids),
+        n_train_patches=len(s2.pool),
+        n_val_slides=int(progress.teacher["val_slides"]),
         extra={
-            "device": str(device),
-            "amp_dtype": str(amp_dtype) if amp_dtype is not None else None,
-            "options": {
-                k: getattr(cc, k)
-                for k in (
-                    "selection",
-                    "student_bn",
-                    "confidence",
-                    "hard_negatives",
-                    "balanced_sampler",
-                    "per_slide_confidence",
-                    "stain_augment",
-                    "train_blocks",
-                    "encoder_lr",
-                    "warmup_steps",
-                    "feature_anchor",
-                    "target_temperature",
-                    "random_teacher",
-                    "lora_rank",
-                )
-            },
-            "beta": beta if cc.confidence else None,
-            "val_failures": {**val_failures, **valer.failures},
+            "device": str(s2.device),
+            "amp_dtype": str(s2.amp_dtype) if s2.amp_dtype is not None else None,
+            "options": {k: getattr(cc, k) for k in OPTION_FIELDS},
+            "beta": s2.beta if cc.confidence else None,
+            "val_failures": {**s2.val_failures, **s2.judge.failures},
         },
     )
+    metric = "cv_auc" if cc.selection == "cv" else "val_auc"
     log.info(
         "coupling: selected step %d (%s %.4f vs teacher %.4f) after %d steps (%s); %.0f patches/s",
-        best_step,
+        progress.best_step,
         "refit-head CV AUC" if cc.selection == "cv" else "frozen-head val AUC",
-        best_metrics["cv_auc" if cc.selection == "cv" else "val_auc"],
-        teacher_metrics["cv_auc" if cc.selection == "cv" else "val_auc"],
-        step,
+        progress.best_metrics[metric],
+        progress.teacher[metric],
+        progress.step,
         stop_reason,
         result.patches_per_s,
     )
-    if out_dir is not None:
-        write_finetune_outputs(result, Path(out_dir), cfg)
     return result
+
+
+def _digest_of(module: torch.nn.Module) -> str | None:
+    fn = getattr(module, "digest", None)
+    return str(fn()) if callable(fn) else None
 
 
 def write_finetune_outputs(result: FinetuneResult, out_dir: Path, cfg: ICMILConfig) -> Path:

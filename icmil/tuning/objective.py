@@ -161,16 +161,20 @@ class CouplingObjective:
         params = suggest(trial, self.space)
         run.log_params({**params, "trial": trial.number})
         cfg = apply_params(self.cfg, params, target="coupling")
+        # A trial is short and disposable: no resumable stage-2 checkpoints in its folder.
+        cfg = cfg.model_copy(update={"coupling": cfg.coupling.model_copy(update={"checkpoint": False})})
+        # The trial's value is the signal stage 2 selects on (refit-head CV AUC, or the frozen head's val AUC).
+        metric = "cv_auc" if cfg.coupling.selection == "cv" else "val_auc"
         evaluations = 0
 
         def on_step(step: int, metrics: Mapping[str, Any]) -> None:
             nonlocal evaluations
             values = _finite(metrics)
-            if step == 0 or "val_auc" not in values:
+            if step == 0 or metric not in values:
                 return  # a plain optimiser step, or the teacher (identical in every trial)
             evaluations += 1
             run.log_metrics(values, step=int(step))
-            _report(trial, values["val_auc"], evaluations, "evaluation")
+            _report(trial, values[metric], evaluations, "evaluation")
 
         try:
             result = finetune_encoder(
@@ -187,10 +191,10 @@ class CouplingObjective:
             # The round's fine-tuning stage retrains with the best settings: trial encoders are not kept.
             for heavy in trial_dir.glob("*.safetensors"):
                 heavy.unlink(missing_ok=True)
-        value = float(result.selected["val_auc"])
+        value = float(result.selected.get(metric, float("nan")))
         if not math.isfinite(value):
             raise ICMILError(
-                f"trial {trial.number}: fine-tuning selected an encoder without a finite val_auc"
+                f"trial {trial.number}: fine-tuning selected an encoder without a finite {metric}"
             )
         return value
 

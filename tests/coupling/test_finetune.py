@@ -259,3 +259,68 @@ def test_stage_two_options_train_and_return_a_plain_encoder(run0: Path, extra: l
         assert all(k.startswith("backbone.3.") for k in changed)
     if "coupling.feature_anchor=1.0" in extra:
         assert "train_loss_f" in res.history.columns or "loss_f" in res.history.columns
+
+
+def test_a_killed_stage_two_resumes_from_its_last_evaluation(run0: Path, tmp_path: Path) -> None:
+    import json
+
+    cfg, manifest, encoder, head = _inputs(
+        run0,
+        [
+            "coupling.max_steps=6",
+            "coupling.eval_every=2",
+            "coupling.selection=last",
+            "coupling.lr=1e-3",
+            "coupling.batch_size=8",
+        ],
+    )
+    out = tmp_path / "encoder"
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_five(step: int, metrics: dict[str, float]) -> None:
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune_encoder(encoder, head, manifest, run0 / "tiles", out, cfg, step_callback=kill_at_five)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and not (out / "finetune.json").exists()
+
+    seen: list[int] = []
+    res = finetune_encoder(
+        encoder, head, manifest, run0 / "tiles", out, cfg, step_callback=lambda s, m: seen.append(s)
+    )
+    assert seen[0] == 5  # no teacher evaluation again: training continues after the checkpointed step 4
+    assert res.steps_run == 6 and res.best_step == 6
+    evals = res.history.dropna(subset=["val_auc"])["step"].tolist()
+    assert evals == [0, 2, 4, 6]  # the history of the first attempt is kept
+    assert not (out / "checkpoint").exists() and (out / "finetune.json").is_file()
+
+    # A checkpoint left by a run with other settings is not resumed.
+    with pytest.raises(Killed):
+        finetune_encoder(
+            encoder, head, manifest, run0 / "tiles", tmp_path / "b", cfg, step_callback=kill_at_five
+        )
+    other = tiny_config(
+        run0,
+        [
+            "coupling.max_steps=6",
+            "coupling.eval_every=2",
+            "coupling.selection=last",
+            "coupling.lr=2e-3",
+            "coupling.batch_size=8",
+        ],
+    )
+    seen.clear()
+    finetune_encoder(
+        encoder,
+        head,
+        manifest,
+        run0 / "tiles",
+        tmp_path / "b",
+        other,
+        step_callback=lambda s, m: seen.append(s),
+    )
+    assert seen[0] == 0  # started over, with the teacher's evaluation

@@ -33,12 +33,12 @@ def test_coupling_target_tunes_stage_two(tmp_path, cohort, monkeypatch):
     calls = []
 
     def fake_finetune(
-        encoder, head, manifest, tiles_dir, out_dir, cfg, *, features_dir=None, run=None, step_callback=None
+        encoder, head, manifest, tiles_dir, out_dir, cfg, *, features_dir=None, run=None, step_callback=None, **_
     ):
         calls.append(SimpleNamespace(cfg=cfg, head=head, tiles_dir=Path(tiles_dir), out_dir=Path(out_dir)))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "weights.safetensors").write_bytes(b"x")  # trial encoders must be dropped
-        step_callback(0, {"val_auc": 0.5, "val_loss": 0.7})  # the teacher: same for every trial
+        step_callback(0, {"cv_auc": 0.5, "val_loss": 0.7})  # the teacher: same for every trial
         best = 0.5
         for i, step in enumerate(
             range(cfg.coupling.eval_every, cfg.coupling.max_steps + 1, cfg.coupling.eval_every)
@@ -46,8 +46,8 @@ def test_coupling_target_tunes_stage_two(tmp_path, cohort, monkeypatch):
             step_callback(step - 1, {"loss": 0.1})  # a plain optimiser step: not reported
             auc = _val_auc(cfg.coupling.lr, i + 1)
             best = max(best, auc)
-            step_callback(step, {"val_auc": auc, "val_loss": 0.5})
-        return SimpleNamespace(selected={"val_auc": best, "val_loss": 0.5})
+            step_callback(step, {"cv_auc": auc, "val_loss": 0.5})
+        return SimpleNamespace(selected={"cv_auc": best, "val_loss": 0.5})
 
     monkeypatch.setattr(finetune, "finetune_encoder", fake_finetune)
     head_dir = save_mil_head(
