@@ -18,9 +18,8 @@ def promote(
     from collections import namedtuple
 
     from components import _runtime as rt
-    from icmil.tracking import promote as promote_challenger
+    from icmil.registry import promotion_step
 
     cfg = rt.stage_config(config_yaml)
-    promoted, reason = rt.run_promotion(promote_challenger, cfg)
-    rt.record_promotion(cfg, parent_run_id, promoted, reason)
+    promoted, reason = promotion_step(cfg, rt.stage_tracker(cfg, parent_run_id))
     return namedtuple("PromoteOutputs", ["promoted", "reason"])(promoted, reason)  # type: ignore[call-arg,arg-type]

@@ -24,17 +24,17 @@ def register(
     on an ``Output`` parameter; the version and the reason are in ``registration/registration.json``.
     """
     from components import _runtime as rt
-    from icmil.tracking import register_challenger
+    from icmil.registry import register_run_model, write_registration
 
     cfg = rt.stage_config(config_yaml)
-    version, promote, reason = rt.register_round_model(
-        register_challenger,
+    done = register_run_model(
         cfg,
-        parent_run_id,
         rt.cohort_manifest(cohort.path),
         encoder.path,
         head.path,
         evaluation.path,
+        parent_run_id=parent_run_id,
+        tracker=rt.stage_tracker(cfg, parent_run_id),
     )
-    registration.metadata.update(rt.write_registration(registration.path, cfg, version, promote, reason))
-    return promote
+    registration.metadata.update(write_registration(registration.path, done))
+    return done.promote

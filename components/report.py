@@ -19,11 +19,12 @@ def report(
     import json
 
     from components import _runtime as rt
+    from icmil.registry import read_registration
     from icmil.run_summary import read_run_summary, write_run_summary
 
     cfg = rt.stage_config(config_yaml)
     path = write_run_summary(
-        summary.path, json.loads(history_json or "[]"), registration=rt.read_registration(registration.path)
+        summary.path, json.loads(history_json or "[]"), registration=read_registration(registration.path)
     )
     rt.log_summary_to_parent(
         cfg, parent_run_id, read_run_summary(path), [path, path.with_name("summary.csv")]

@@ -264,21 +264,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from icmil.tracking import RetryPolicy, promote
+    from icmil.registry import promote_with_config
 
     cfg = _config(args)
     stores = _stores(args, cfg, "promote")
-    result = promote(
-        args.model or cfg.tracking.registered_model,
-        metric=cfg.tracking.promotion_metric,
-        split=cfg.tracking.promotion_split,
-        margin=cfg.tracking.promotion_margin,
-        floor=cfg.tracking.promotion_floor,
+    result = promote_with_config(
+        cfg,
+        model=args.model,
         tracking_uri=stores.tracking_uri,
         registry_uri=stores.registry_uri,
         target_registry_uri=args.target_registry,
-        on_data_mismatch=cfg.tracking.on_data_mismatch,
-        retry=RetryPolicy.from_config(cfg.tracking),
         dry_run=args.dry_run,
     )
     print(result)
@@ -309,8 +304,8 @@ def format_prediction_table(table: Any, out_dir: Path) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from icmil.errors import ConfigError, check_failure_fraction
+    from icmil.registry import run_predictions
     from icmil.tracking import RetryPolicy
-    from icmil.tracking.slide_classifier import run_predictions
 
     cfg = _config(args)
     if not args.slides and not args.manifest:

@@ -13,6 +13,7 @@ from icmil.cohort import Shard, merge_shard_dirs, prepare_cohort, shard_manifest
 from icmil.config import config_to_yaml, load_config
 from icmil.errors import ManifestError
 from icmil.manifest import read_manifest
+from icmil.registry.release import split_metrics
 
 
 def _manifest(tmp_path: Path, n: int = 7) -> Path:
@@ -127,7 +128,7 @@ def test_runtime_helpers() -> None:
     history = rt.append_round(history, 0, {"val_auc": 0.7})
     history = rt.append_round(history, 1, {"val_auc": 0.95})  # a rerun of a round replaces its row
     assert json.loads(history) == [{"round": 0, "val_auc": 0.7}, {"round": 1, "val_auc": 0.95}]
-    assert rt._split_metrics(
+    assert split_metrics(
         {"test_auc": 0.8, "val_f1": 0.5, "test_n": 3, "patch_auc_test": 0.6, "val_x": float("nan")}
     ) == {
         "test": {"auc": 0.8, "n": 3.0},
