@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icmil.config import ICMILConfig, MILConfig, dump_config
+from icmil.config import ICMILConfig, apply_params, dump_config
 from icmil.errors import ConfigError, FeatureStoreError
 from icmil.io import text_digest, write_json_atomic
 from icmil.log import get_logger
@@ -341,16 +341,6 @@ def embed_stage(
         return _finish(marker, "embed", round_index, cfg, result, t0)
 
 
-def mil_config_with(cfg: ICMILConfig, params: Mapping[str, Any] | None) -> MILConfig:
-    """``cfg.mil`` with tuned ``params`` (e.g. Optuna's best trial) applied and validated."""
-    if not params:
-        return cfg.mil
-    unknown = sorted(set(params) - set(MILConfig.model_fields))
-    if unknown:
-        raise ConfigError(f"tuned parameters {unknown} are not fields of the mil section")
-    return MILConfig.model_validate({**cfg.mil.model_dump(), **dict(params)})
-
-
 def train_stage(
     cfg: ICMILConfig,
     manifest_csv: PathLike,
@@ -370,7 +360,7 @@ def train_stage(
         return done
     t0 = time.perf_counter()
     manifest = read_run_manifest(cfg, manifest_csv)
-    mil_cfg = mil_config_with(cfg, params)
+    mil_cfg = apply_params(cfg, params).mil if params else cfg.mil
     with _tracker(tracker).stage("train", round_index) as run:
         run.log_params({f"mil.{k}": v for k, v in mil_cfg.model_dump(mode="json").items()})
 

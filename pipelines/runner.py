@@ -54,8 +54,10 @@ def compile_pipeline(cfg: ICMILConfig, out_path: str | os.PathLike[str]) -> Path
     """
     from kfp import compiler
 
+    from icmil.mil import check_head_settings
     from pipelines.icmil_pipeline import build_pipeline
 
+    check_head_settings(cfg.mil)  # a bad head setting fails here, not in the train task hours later
     out = Path(out_path)
     pipeline = build_pipeline(cfg)
     with atomic_path(out, suffix=".yaml") as tmp:
@@ -261,10 +263,12 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     """
     from kfp import local
 
+    from icmil.mil import check_head_settings
     from icmil.tracking import resolve_tracking_uri
     from icmil.tracking.retry import configure_mlflow_http
     from pipelines.icmil_pipeline import build_pipeline
 
+    check_head_settings(cfg.mil)
     started = time.monotonic()
     # One tracking budget for this process and the task processes it starts (they inherit the environment).
     configure_mlflow_http(cfg.tracking)
