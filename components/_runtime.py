@@ -1,7 +1,7 @@
 """Plumbing shared by component bodies at run time (inside the task's process, never at compile time).
 
 Component bodies are copied into a temporary module by KFP, so everything they share lives here, in the
-installed ``components`` package: turning the config string back into a config, picking the tracker, and giving
+installed ``icmil_kfp.components`` package (this folder): turning the config string back into a config, picking the tracker, and giving
 a stage one folder that holds the outputs of every shard.
 
 Example:

@@ -5,7 +5,7 @@ condition of the promotion gate (``dsl.If``)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -23,8 +23,8 @@ def register(
     The decision is the single return value because the local runner resolves a ``dsl.If`` condition only
     on an ``Output`` parameter; the version and the reason are in ``registration/registration.json``.
     """
-    from components import _runtime as rt
     from icmil.registry import register_run_model, write_registration
+    from icmil_kfp.components import _runtime as rt
 
     cfg = rt.stage_config(config_yaml)
     done = register_run_model(

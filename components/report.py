@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -18,9 +18,9 @@ def report(
     metrics and the gate's decision as the parent run's own metrics and tags."""
     import json
 
-    from components import _runtime as rt
     from icmil.registry import read_registration
     from icmil.run_summary import read_run_summary, write_run_summary
+    from icmil_kfp.components import _runtime as rt
 
     cfg = rt.stage_config(config_yaml)
     path = write_run_summary(

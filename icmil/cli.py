@@ -185,7 +185,7 @@ def cmd_couple(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.runner import run_local
+    from icmil_kfp.pipelines.runner import run_local
 
     extra = [f"run_dir={args.out}"] if args.out else []
     cfg = load_config(args.config_file, [*extra, *args.overrides])
@@ -209,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.runner import compile_pipeline
+    from icmil_kfp.pipelines.runner import compile_pipeline
 
     cfg = _config(args)
     path = compile_pipeline(cfg, args.out)
@@ -218,7 +218,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.runner import submit
+    from icmil_kfp.pipelines.runner import submit
 
     cfg = _config(args)
     run_id = submit(
@@ -234,7 +234,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipelines.runner import schedule
+    from icmil_kfp.pipelines.runner import schedule
 
     cfg = _config(args)
     job_id = schedule(

@@ -55,7 +55,7 @@ def compile_pipeline(cfg: ICMILConfig, out_path: str | os.PathLike[str]) -> Path
     from kfp import compiler
 
     from icmil.mil import check_head_settings
-    from pipelines.icmil_pipeline import build_pipeline
+    from icmil_kfp.pipelines.icmil_pipeline import build_pipeline
 
     check_head_settings(cfg.mil)  # a bad head setting fails here, not in the train task hours later
     out = Path(out_path)
@@ -266,7 +266,7 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     from icmil.mil import check_head_settings
     from icmil.tracking import resolve_tracking_uri
     from icmil.tracking.retry import configure_mlflow_http
-    from pipelines.icmil_pipeline import build_pipeline
+    from icmil_kfp.pipelines.icmil_pipeline import build_pipeline
 
     check_head_settings(cfg.mil)
     started = time.monotonic()

@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components import _runtime as rt
 from icmil.cohort import Shard, merge_shard_dirs, prepare_cohort, shard_manifest, slide_fingerprint
 from icmil.config import config_to_yaml, load_config
 from icmil.errors import ManifestError
 from icmil.manifest import read_manifest
 from icmil.registry.release import split_metrics
+from icmil_kfp.components import _runtime as rt
 
 
 def _manifest(tmp_path: Path, n: int = 7) -> Path:
