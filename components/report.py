@@ -19,13 +19,15 @@ def report(
     import json
 
     from icmil.registry import read_registration
-    from icmil.run_summary import read_run_summary, write_run_summary
+    from icmil.run_summary import write_run_summary
     from icmil_kfp.components import _runtime as rt
 
     cfg = rt.stage_config(config_yaml)
-    path = write_run_summary(
-        summary.path, json.loads(history_json or "[]"), registration=read_registration(registration.path)
-    )
+    rounds, registered = json.loads(history_json or "[]"), read_registration(registration.path)
+    path = write_run_summary(summary.path, rounds, registration=registered)
     rt.log_summary_to_parent(
-        cfg, parent_run_id, read_run_summary(path), [path, path.with_name("summary.csv")]
+        cfg,
+        parent_run_id,
+        {"rounds": rounds, "registration": registered},
+        [path, path.with_name("summary.csv")],
     )

@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from icmil.config import ICMILConfig, dump_config
 from icmil.errors import ConfigError, ICMILError
 from icmil.io import atomic_path, text_digest, write_json_atomic
@@ -661,9 +659,3 @@ def _schedule(
     )
     log.info("recurring run %s (%s) created on %s", job.recurring_run_id, cron, host)
     return str(job.recurring_run_id)
-
-
-def describe_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a compiled pipeline YAML into ``{"spec": ..., "platform": ...}`` (the two YAML documents)."""
-    docs = list(yaml.safe_load_all(Path(path).read_text(encoding="utf-8")))
-    return {"spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}}

@@ -86,11 +86,6 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def is_local_store(uri: str) -> bool:
-    """True for stores this process opens itself (sqlite/file), False for a server or remote database."""
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
-
-
 # --------------------------------------------------------------------------- read-only access
 
 
