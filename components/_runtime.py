@@ -1,13 +1,13 @@
 """Plumbing shared by component bodies at run time (inside the task's process, never at compile time).
 
 Component bodies are copied into a temporary module by KFP, so everything they share lives here, in the
-installed ``icmil_kfp.components`` package (this folder): turning the config string back into a config, picking the tracker, and giving
-a stage one folder that holds the outputs of every shard.
+installed ``icmil_kfp.components`` package (this folder): picking the tracker, giving a stage one folder that
+holds the outputs of every shard, the cohort artifact's layout, and turning results into KFP metadata. (A body
+reads its config with :func:`icmil.config.config_from_yaml`.)
 
 Example:
-    >>> from icmil.config import config_to_yaml, load_config
-    >>> stage_config(config_to_yaml(load_config(None, ["mil.head=dtfd"]))).mil.head
-    'dtfd'
+    >>> append_round("", 0, {"val_auc": 0.7})
+    '[{"round": 0, "val_auc": 0.7}]'
 """
 
 from __future__ import annotations
@@ -20,17 +20,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icmil.config import ICMILConfig, config_from_yaml
+from icmil.config import ICMILConfig
+from icmil.nested import flatten
 from icmil.tracking.base import NullTracker, StageTracker
-
-# The cohort artifact's layout (icmil.cohort.prepare_cohort).
-COHORT_MANIFEST = "manifest.csv"
-COHORT_LESIONS = "synth/lesions.json"
-
-
-def stage_config(config_yaml: str) -> ICMILConfig:
-    """The resolved config a component received as its ``config_yaml`` parameter."""
-    return config_from_yaml(config_yaml)
 
 
 def stage_tracker(cfg: ICMILConfig, parent_run_id: str) -> StageTracker:
@@ -85,12 +77,16 @@ def close_parent_run(cfg: ICMILConfig, kfp_run_id: str, state: str, error: str =
 
 def cohort_manifest(cohort_dir: str) -> str:
     """The resolved manifest inside the cohort artifact (its relative slide paths resolve against it)."""
-    return str(Path(cohort_dir) / COHORT_MANIFEST)
+    from icmil.cohort import MANIFEST_NAME  # the cohort artifact's layout is icmil.cohort.prepare_cohort's
+
+    return str(Path(cohort_dir) / MANIFEST_NAME)
 
 
 def cohort_lesions(cohort_dir: str) -> str | None:
     """Lesion boxes of a synthetic cohort (drive heatmaps and the patch-level AUC), None for real data."""
-    path = Path(cohort_dir) / COHORT_LESIONS
+    from icmil.cohort import SYNTH_DIR
+
+    path = Path(cohort_dir) / SYNTH_DIR / "lesions.json"
     return str(path) if path.is_file() else None
 
 
@@ -105,17 +101,13 @@ def shard_inputs(shard_json: str, cohort_dir: str | None) -> Iterator[tuple[str,
         yield str(path), shard.slide_ids
 
 
-def _scalars(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_scalars(value, f"{name}."))
-        elif isinstance(value, (bool, str, int)) or value is None:
-            out[name] = value
-        elif isinstance(value, float):
-            out[name] = value if math.isfinite(value) else None
-    return out
+def _scalars(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar leaves of nested ``data`` (``a.b`` keys), non-finite floats as None, lists left out."""
+    return {
+        name: value if not isinstance(value, float) or math.isfinite(value) else None
+        for name, value in flatten(data).items()
+        if isinstance(value, (bool, str, int, float)) or value is None
+    }
 
 
 def metadata(result: Mapping[str, Any]) -> dict[str, Any]:

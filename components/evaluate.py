@@ -26,10 +26,11 @@ def evaluate(
     (its ``finetune.json`` adds the stage-2 summary to the row)."""
     from collections import namedtuple
 
+    from icmil.config import config_from_yaml
     from icmil.stages import evaluate_stage
     from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     with rt.merged_view([f.path for f in features]) as features_dir:
         result = evaluate_stage(
             cfg,

@@ -14,10 +14,10 @@ def prepare(config_yaml: str, manifest: str, n_shards: int, cohort: Output[Datas
     The manifest digest, slide count and classes are in the cohort artifact's metadata.
     """
     from icmil.cohort import prepare_cohort
-    from icmil_kfp.components import _runtime as rt
+    from icmil.config import config_from_yaml
 
     result = prepare_cohort(
-        rt.stage_config(config_yaml), cohort.path, n_shards=n_shards, manifest=manifest or None
+        config_from_yaml(config_yaml), cohort.path, n_shards=n_shards, manifest=manifest or None
     )
     cohort.metadata.update(
         {

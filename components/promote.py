@@ -17,9 +17,10 @@ def promote(
     MLflow parent run as ``gate_promoted`` and the tag ``icmil.gate.final``)."""
     from collections import namedtuple
 
+    from icmil.config import config_from_yaml
     from icmil.registry import promotion_step
     from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     promoted, reason = promotion_step(cfg, rt.stage_tracker(cfg, parent_run_id))
     return namedtuple("PromoteOutputs", ["promoted", "reason"])(promoted, reason)  # type: ignore[call-arg,arg-type]

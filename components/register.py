@@ -23,10 +23,11 @@ def register(
     The decision is the single return value because the local runner resolves a ``dsl.If`` condition only
     on an ``Output`` parameter; the version and the reason are in ``registration/registration.json``.
     """
+    from icmil.config import config_from_yaml
     from icmil.registry import register_run_model, write_registration
     from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     done = register_run_model(
         cfg,
         rt.cohort_manifest(cohort.path),

@@ -18,11 +18,12 @@ def report(
     metrics and the gate's decision as the parent run's own metrics and tags."""
     import json
 
+    from icmil.config import config_from_yaml
     from icmil.registry import read_registration
     from icmil.run_summary import write_run_summary
     from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     rounds, registered = json.loads(history_json or "[]"), read_registration(registration.path)
     path = write_run_summary(summary.path, rounds, registration=registered)
     rt.log_summary_to_parent(

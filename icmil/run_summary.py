@@ -28,6 +28,21 @@ if TYPE_CHECKING:
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
+# The per-round table's columns, in order: what `icmil couple` and `icmil run` print (summary.csv has every metric).
+SUMMARY_COLUMNS = (
+    "round",
+    "teacher_kept",
+    "val_auc",
+    "test_auc",
+    "test_accuracy",
+    "test_f1",
+    "test_loss",
+    "patch_auc_test",
+    "patch_auc_all",
+    "finetune_best_step",
+    "finetune_teacher_val_auc",
+    "finetune_selected_val_auc",
+)
 
 
 def write_run_summary(

@@ -44,6 +44,7 @@ from icmil.errors import ConfigError, FeatureStoreError
 from icmil.io import text_digest, write_json_atomic
 from icmil.log import get_logger
 from icmil.manifest import Manifest, read_run_manifest
+from icmil.nested import flatten
 from icmil.tracking.base import NullTracker, StageRun, StageTracker
 
 log = get_logger("stages")
@@ -102,21 +103,17 @@ def _finish(
     return record
 
 
-def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a (nested) dict, nested keys joined by ``_`` — what a tracker accepts.
 
     >>> _numeric({"test": {"auc": 0.9, "n": 4}, "head": "abmil", "x": float("nan")})
     {'test_auc': 0.9, 'test_n': 4.0}
     """
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        if isinstance(v, Mapping):
-            out.update(_numeric(v, f"{prefix}{k}_"))
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        elif math.isfinite(float(v)):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+    return {
+        name: float(v)
+        for name, v in flatten(metrics, sep="_").items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 def _tracker(tracker: StageTracker | None) -> StageTracker:

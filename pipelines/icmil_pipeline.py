@@ -29,8 +29,6 @@ Example:
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as real types.
-import re
-from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -65,20 +63,6 @@ CACHE_VIEWS: dict[str, tuple[str, ...]] = {
 }
 SECTIONS = ("synth", "tiling", "encoder", "embed", "mil", "coupling", "tracking", "tuning", "pipeline")
 
-_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]*:[^/@\s]*@")
-_SECRET_QUERY = re.compile(r"[?&][^=&]*(password|passwd|secret|token|signature|access[_-]?key)[^=&]*=", re.I)
-
-
-def _strings(data: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    if isinstance(data, Mapping):
-        for k, v in data.items():
-            yield from _strings(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(data, (list, tuple)):
-        for i, v in enumerate(data):
-            yield from _strings(v, f"{prefix}[{i}]")
-    elif isinstance(data, str):
-        yield prefix, data
-
 
 def check_no_secrets(cfg: ICMILConfig) -> None:
     """Refuse to compile a config that holds a credential: the YAML is uploaded to KFP and readable there.
@@ -89,10 +73,11 @@ def check_no_secrets(cfg: ICMILConfig) -> None:
     ...
     icmil.errors.ConfigError: tuning.storage holds a credential ('postgresql://***@db/optuna'); ...
     """
-    from icmil.redact import redact_text, redact_uri
+    from icmil.nested import flatten
+    from icmil.redact import holds_credential, redact_text, redact_uri
 
-    for field, value in _strings(cfg.model_dump(mode="json")):
-        if _USERINFO_PASSWORD.match(value) or _SECRET_QUERY.search(value):
+    for field, value in flatten(cfg.model_dump(mode="json"), lists=True).items():
+        if isinstance(value, str) and holds_credential(value):
             # The message shows the value as every log shows it: redacted (it is printed and may be logged).
             raise ConfigError(
                 f"{field} holds a credential ({redact_text(redact_uri(value))!r}); "

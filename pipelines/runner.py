@@ -33,11 +33,11 @@ from icmil.config import ICMILConfig, dump_config
 from icmil.errors import ConfigError, ICMILError
 from icmil.io import atomic_path, text_digest, write_json_atomic
 from icmil.log import get_logger
+from icmil.run_summary import SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_JSON
 
 log = get_logger("pipeline")
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
-SUMMARY_NAME = "summary.json"
 
 
 # --------------------------------------------------------------------------------------------- compile
@@ -192,19 +192,6 @@ def _index_outputs(run_folder: Path) -> dict[str, str]:
     return index
 
 
-# Columns of the printed per-round table (summary.csv has every metric).
-TABLE_COLUMNS = (
-    "round",
-    "val_auc",
-    "test_auc",
-    "test_accuracy",
-    "test_f1",
-    "patch_auc_test",
-    "finetune_teacher_val_auc",
-    "finetune_selected_val_auc",
-)
-
-
 def format_summary(summary: RunSummary) -> str:
     """The text ``icmil run`` prints: where things are, the per-round metrics table and the gate's decision."""
     import pandas as pd
@@ -219,7 +206,7 @@ def format_summary(summary: RunSummary) -> str:
     ]
     if summary.rounds:
         table = pd.DataFrame(summary.rounds)
-        cols = [c for c in TABLE_COLUMNS if c in table.columns]
+        cols = [c for c in SUMMARY_COLUMNS if c in table.columns]
         table["round"] = table["round"].astype(int)
         lines += [
             "per-round metrics (round 0 = frozen encoder; round k = after k ICMIL couplings):",
@@ -335,9 +322,9 @@ def _collect_summary(cfg: ICMILConfig, run_dir: Path, run_folder: Path, tracking
     summary = RunSummary(
         run_dir=run_dir, pipeline_run_dir=run_folder, tracking_uri=redact_uri(tracking_uri), outputs=outputs
     )
-    found = sorted(run_folder.rglob(f"summary/{SUMMARY_NAME}"))
+    found = sorted(run_folder.rglob(f"summary/{SUMMARY_JSON}"))
     if not found:
-        log.warning("the pipeline wrote no %s under %s", SUMMARY_NAME, run_folder)
+        log.warning("the pipeline wrote no %s under %s", SUMMARY_JSON, run_folder)
         return summary
     data = json.loads(found[-1].read_text(encoding="utf-8"))
     summary.rounds = list(data.get("rounds", []))
@@ -346,7 +333,7 @@ def _collect_summary(cfg: ICMILConfig, run_dir: Path, run_folder: Path, tracking
     if summary.registration.get("model"):
         summary.registration["champion"] = _champion_version(cfg, str(summary.registration["model"]))
     # The run-folder contract (docs/architecture.md): RUN/summary.json and RUN/summary.csv.
-    for name in (SUMMARY_NAME, "summary.csv"):
+    for name in (SUMMARY_JSON, SUMMARY_CSV):
         src = found[-1].parent / name
         if src.is_file():
             with atomic_path(run_dir / name) as tmp:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from icmil.cohort import Shard, merge_shard_dirs, prepare_cohort, shard_manifest, slide_fingerprint
-from icmil.config import config_to_yaml, load_config
+from icmil.config import load_config
 from icmil.errors import ManifestError
 from icmil.manifest import read_manifest
 from icmil.registry.release import split_metrics
@@ -122,7 +122,6 @@ def test_merge_shard_dirs_copies_or_links_and_refuses_duplicates(tmp_path: Path)
 
 def test_runtime_helpers() -> None:
     cfg = load_config(None, ["mil.head=maxpool"])
-    assert rt.stage_config(config_to_yaml(cfg)) == cfg
     assert type(rt.stage_tracker(cfg, "")).__name__ == "NullTracker"
     history = rt.append_round("[]", 1, {"val_auc": 0.9, "note": "x", "seconds": 2})
     history = rt.append_round(history, 0, {"val_auc": 0.7})
