@@ -31,30 +31,17 @@ from icmil.tracking.mlflow_tracker import (
 from icmil.tracking.retry import RetryPolicy
 from icmil.tracking.uris import redact_uri, resolve_registry_uri, resolve_tracking_uri
 
-# Names that moved to icmil.registry: still reachable here (with a DeprecationWarning) so existing scripts run.
-_MOVED = frozenset(
-    {
-        "PromotionResult",
-        "evaluation_digest",
-        "promote",
-        "register_challenger",
-        "SlideClassifier",
-        "log_slide_classifier",
-        "open_slide_classifier",
-        "predict_slides",
-        "save_slide_classifier",
-    }
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _MOVED:
+    # The registry's names used to live here: still reachable (with a DeprecationWarning) so existing scripts run.
+    registry = importlib.import_module("icmil.registry")
+    if name in registry.__all__:
         warnings.warn(
             f"icmil.tracking.{name} moved to icmil.registry.{name}; import it from there",
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(importlib.import_module("icmil.registry"), name)
+        return getattr(registry, name)
     raise AttributeError(f"module 'icmil.tracking' has no attribute {name!r}")
 
 

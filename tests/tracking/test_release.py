@@ -96,3 +96,15 @@ def test_registering_needs_a_tracked_run(tiny_model_parts: dict[str, Path], tmp_
         register_run_model(
             cfg, manifest, p["encoder"], p["head0"], evaluation, parent_run_id="", tracker=NullTracker()
         )
+
+
+def test_old_import_paths_still_work() -> None:
+    import icmil.registry
+    import icmil.tracking
+    from icmil.tracking.slide_classifier import SlideClassifier  # what models registered earlier import
+
+    with pytest.warns(DeprecationWarning, match=r"icmil\.tracking\.promote moved to icmil\.registry\.promote"):
+        assert icmil.tracking.promote is icmil.registry.promote
+    assert SlideClassifier is icmil.registry.SlideClassifier
+    with pytest.raises(AttributeError):
+        _ = icmil.tracking.no_such_name
