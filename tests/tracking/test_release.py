@@ -103,7 +103,9 @@ def test_old_import_paths_still_work() -> None:
     import icmil.tracking
     from icmil.tracking.slide_classifier import SlideClassifier  # what models registered earlier import
 
-    with pytest.warns(DeprecationWarning, match=r"icmil\.tracking\.promote moved to icmil\.registry\.promote"):
+    with pytest.warns(
+        DeprecationWarning, match=r"icmil\.tracking\.promote moved to icmil\.registry\.promote"
+    ):
         assert icmil.tracking.promote is icmil.registry.promote
     assert SlideClassifier is icmil.registry.SlideClassifier
     with pytest.raises(AttributeError):
