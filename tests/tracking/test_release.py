@@ -68,7 +68,8 @@ def test_register_then_promote_like_the_pipeline(
     # The CLI's dry run and the pipeline's promote step are the same gate with the same settings.
     assert main(["promote", "--set", f"run_dir={cfg.run_dir}", "--set", "tracking.registered_model=released",
                  "--set", "tracking.promotion_floor=0.6", "--dry-run"]) == 0  # fmt: skip
-    assert capsys.readouterr().out.startswith("WOULD PROMOTE released v1: no champion yet")
+    out = capsys.readouterr().out
+    assert "WOULD PROMOTE released v1: no champion yet" in out, out
     promoted, reason = promotion_step(cfg, tracker)
     assert promoted and reason.startswith("PROMOTED released v1")
     assert str(client.get_model_version_by_alias("released", CHAMPION).version) == "1"
