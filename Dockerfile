@@ -32,7 +32,8 @@ RUN apt-get update \
 
 RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# The project, installed from the copied tree (not from an index): library, components and pipelines.
+# The project, installed from the copied tree (not from an index): the library (icmil) and the Kubeflow layer,
+# whose folders components/ and pipelines/ install as icmil_kfp.components and icmil_kfp.pipelines.
 WORKDIR /opt/icmil
 COPY pyproject.toml README.md LICENSE ./
 COPY icmil ./icmil
@@ -40,7 +41,7 @@ COPY components ./components
 COPY pipelines ./pipelines
 COPY configs ./configs
 RUN pip install . \
-    && python -c "import openslide, torch, icmil, components, pipelines; print('openslide', openslide.__library_version__, 'torch', torch.__version__)"
+    && python -c "import openslide, torch, icmil, icmil_kfp.components, icmil_kfp.pipelines; print('openslide', openslide.__library_version__, 'torch', torch.__version__)"
 
 # Non-root: pipeline pods run as this user; its home holds run folders, caches and the tracking spool.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin icmil

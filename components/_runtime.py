@@ -1,13 +1,13 @@
 """Plumbing shared by component bodies at run time (inside the task's process, never at compile time).
 
 Component bodies are copied into a temporary module by KFP, so everything they share lives here, in the
-installed ``components`` package: turning the config string back into a config, picking the tracker, and giving
-a stage one folder that holds the outputs of every shard.
+installed ``icmil_kfp.components`` package (this folder): picking the tracker, giving a stage one folder that
+holds the outputs of every shard, the cohort artifact's layout, and turning results into KFP metadata. (A body
+reads its config with :func:`icmil.config.config_from_yaml`.)
 
 Example:
-    >>> from icmil.config import config_to_yaml, load_config
-    >>> stage_config(config_to_yaml(load_config(None, ["mil.head=dtfd"]))).mil.head
-    'dtfd'
+    >>> append_round("", 0, {"val_auc": 0.7})
+    '[{"round": 0, "val_auc": 0.7}]'
 """
 
 from __future__ import annotations
@@ -16,21 +16,13 @@ import contextlib
 import json
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icmil.config import ICMILConfig, config_from_yaml
+from icmil.config import ICMILConfig
+from icmil.nested import flatten
 from icmil.tracking.base import NullTracker, StageTracker
-
-# The cohort artifact's layout (icmil.cohort.prepare_cohort).
-COHORT_MANIFEST = "manifest.csv"
-COHORT_LESIONS = "synth/lesions.json"
-
-
-def stage_config(config_yaml: str) -> ICMILConfig:
-    """The resolved config a component received as its ``config_yaml`` parameter."""
-    return config_from_yaml(config_yaml)
 
 
 def stage_tracker(cfg: ICMILConfig, parent_run_id: str) -> StageTracker:
@@ -85,12 +77,16 @@ def close_parent_run(cfg: ICMILConfig, kfp_run_id: str, state: str, error: str =
 
 def cohort_manifest(cohort_dir: str) -> str:
     """The resolved manifest inside the cohort artifact (its relative slide paths resolve against it)."""
-    return str(Path(cohort_dir) / COHORT_MANIFEST)
+    from icmil.cohort import MANIFEST_NAME  # the cohort artifact's layout is icmil.cohort.prepare_cohort's
+
+    return str(Path(cohort_dir) / MANIFEST_NAME)
 
 
 def cohort_lesions(cohort_dir: str) -> str | None:
     """Lesion boxes of a synthetic cohort (drive heatmaps and the patch-level AUC), None for real data."""
-    path = Path(cohort_dir) / COHORT_LESIONS
+    from icmil.cohort import SYNTH_DIR
+
+    path = Path(cohort_dir) / SYNTH_DIR / "lesions.json"
     return str(path) if path.is_file() else None
 
 
@@ -105,17 +101,13 @@ def shard_inputs(shard_json: str, cohort_dir: str | None) -> Iterator[tuple[str,
         yield str(path), shard.slide_ids
 
 
-def _scalars(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_scalars(value, f"{name}."))
-        elif isinstance(value, (bool, str, int)) or value is None:
-            out[name] = value
-        elif isinstance(value, float):
-            out[name] = value if math.isfinite(value) else None
-    return out
+def _scalars(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar leaves of nested ``data`` (``a.b`` keys), non-finite floats as None, lists left out."""
+    return {
+        name: value if not isinstance(value, float) or math.isfinite(value) else None
+        for name, value in flatten(data).items()
+        if isinstance(value, (bool, str, int, float)) or value is None
+    }
 
 
 def metadata(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,160 +144,3 @@ def log_summary_to_parent(
     from icmil.run_summary import log_run_summary
 
     log_run_summary(stage_tracker(cfg, parent_run_id), summary, paths)
-
-
-def record_promotion(cfg: ICMILConfig, parent_run_id: str, promoted: bool, reason: str) -> None:
-    """The gate's final word (the promote task) on the parent run: ``gate_promoted`` 1/0 and the reason."""
-    with stage_tracker(cfg, parent_run_id).parent() as run:
-        run.log_metrics({"gate_promoted": 1.0 if promoted else 0.0})
-        run.set_tags(
-            {
-                "icmil.gate.final": "promoted" if promoted else "rejected",
-                "icmil.gate.final_reason": reason[:4000],
-            }
-        )
-
-
-def _split_metrics(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{"test_auc": 0.9, "val_f1": ...}`` -> ``{"test": {"auc": 0.9}, "val": {"f1": ...}}``."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in evaluation.items():
-        split, _, metric = key.partition("_")
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if split in ("val", "test") and metric and numeric and math.isfinite(float(value)):
-            out.setdefault(split, {})[metric] = float(value)
-    return out
-
-
-def register_round_model(
-    register_fn: Callable[..., str],
-    cfg: ICMILConfig,
-    parent_run_id: str,
-    manifest_csv: str,
-    encoder_dir: str,
-    head_dir: str,
-    evaluation_dir: str,
-) -> tuple[str, bool, str]:
-    """Log the slide classifier under a ``register`` child run, register it as ``challenger`` with its
-    evaluation (metrics + the slides they were computed on), and pre-check it against the champion.
-
-    Returns ``(version, promote, reason)``; ``promote`` is the promotion gate's condition.
-    """
-    from icmil.manifest import read_run_manifest
-    from icmil.tracking import RetryPolicy, log_slide_classifier, resolve_registry_uri, resolve_tracking_uri
-
-    evaluation = json.loads((Path(evaluation_dir) / "metrics.json").read_text(encoding="utf-8"))
-    manifest = read_run_manifest(cfg, manifest_csv)
-    tracking_uri, registry_uri = resolve_tracking_uri(cfg), resolve_registry_uri(cfg)
-    retry = RetryPolicy.from_config(cfg.tracking)
-    metrics = _split_metrics(evaluation)
-    tables = {
-        split: manifest.split(split)[["slide_id", "path", "label"]]
-        for split in metrics
-        if not manifest.split(split).empty
-    }
-    threshold = validation_threshold(evaluation_dir, head_dir, manifest.classes)
-    with stage_tracker(cfg, parent_run_id).stage("register") as run:
-        if not run.run_id:
-            raise RuntimeError("registering a model needs MLflow tracking (a parent run id)")
-        model_uri = log_slide_classifier(
-            encoder_dir,
-            head_dir,
-            cfg.tiling,
-            manifest.classes,
-            run_id=run.run_id,
-            tracking_uri=tracking_uri,
-            embed_cfg=cfg.embed,
-            threshold=threshold,
-            retry=retry,
-        )
-        version = register_fn(
-            model_uri,
-            cfg.tracking.registered_model,
-            {"icmil.config_digest": cfg.digest()},
-            metrics=metrics,
-            eval_tables=tables,
-            parent_run_id=parent_run_id,
-            tracking_uri=tracking_uri,
-            registry_uri=registry_uri,
-            retry=retry,
-        )
-        promote, reason = precheck_promotion(cfg)
-        run.set_tags({"icmil.model_version": str(version), "icmil.gate_precheck": reason[:4000]})
-    return str(version), promote, reason
-
-
-def validation_threshold(evaluation_dir: str, head_dir: str, classes: Sequence[str]) -> dict[str, Any]:
-    """The decision threshold for the registered model, chosen on the final round's validation predictions
-    (``evaluation/predictions.csv``, else the head's own ``predictions.csv``), with the rule that chose it."""
-    import pandas as pd
-
-    from icmil.predict import choose_threshold, default_threshold
-
-    for folder in (evaluation_dir, head_dir):
-        path = Path(folder) / "predictions.csv"
-        if path.is_file():
-            return choose_threshold(pd.read_csv(path), list(classes))
-    return default_threshold(
-        list(classes), "no validation predictions were found when the model was registered"
-    )
-
-
-def _gate_arguments(cfg: ICMILConfig) -> dict[str, Any]:
-    from icmil.tracking import RetryPolicy, resolve_registry_uri, resolve_tracking_uri
-
-    t = cfg.tracking
-    return {
-        "metric": t.promotion_metric,
-        "split": t.promotion_split,
-        "margin": t.promotion_margin,
-        "floor": t.promotion_floor,
-        "tracking_uri": resolve_tracking_uri(cfg),
-        "registry_uri": resolve_registry_uri(cfg),
-        "on_data_mismatch": t.on_data_mismatch,
-        "retry": RetryPolicy.from_config(t),
-    }
-
-
-def precheck_promotion(cfg: ICMILConfig) -> tuple[bool, str]:
-    """Would the challenger win? The gate's own decision in dry-run mode (changes nothing, never raises a
-    rejection; when the champion was scored on other data it answers yes and the real gate re-scores)."""
-    from icmil.tracking import promote
-
-    result = promote(cfg.tracking.registered_model, dry_run=True, **_gate_arguments(cfg))
-    return bool(result.promoted), str(result.reason)
-
-
-REGISTRATION_FILE = "registration.json"
-
-
-def write_registration(
-    out_dir: str, cfg: ICMILConfig, version: str, promote: bool, reason: str
-) -> dict[str, Any]:
-    """Record what was registered and what the gate's pre-check decided (``registration.json``)."""
-    from icmil.io import write_json_atomic
-
-    record = {
-        "model": cfg.tracking.registered_model,
-        "version": version,
-        "promote": promote,
-        "reason": reason,
-    }
-    write_json_atomic(Path(out_dir) / REGISTRATION_FILE, record)
-    return record
-
-
-def read_registration(out_dir: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((Path(out_dir) / REGISTRATION_FILE).read_text(encoding="utf-8"))
-    return data
-
-
-def run_promotion(promote_fn: Callable[..., Any], cfg: ICMILConfig) -> tuple[bool, str]:
-    """Run the gate (``icmil.tracking.promote``); a rejection is returned as ``(False, reason)``."""
-    from icmil.errors import PromotionRejected
-
-    try:
-        result = promote_fn(cfg.tracking.registered_model, **_gate_arguments(cfg))
-    except PromotionRejected as err:
-        return False, str(err)
-    return bool(result.promoted), str(result)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -17,10 +17,11 @@ def embed(
     cohort: Input[Dataset] | None = None,
 ):
     """Features HDF5 per slide of the shard (CLAM/TRIDENT layout), keyed by slide and encoder digest."""
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.stages import embed_stage
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     with rt.shard_inputs(shard, cohort.path if cohort else None) as (manifest_csv, slide_ids):
         result = embed_stage(
             cfg, manifest_csv, tiles.path, encoder.path, features.path, round_index, shard=slide_ids

@@ -7,7 +7,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -20,13 +20,14 @@ def initial_encoder(
     """``cohort`` + ``tiles`` only with ``coupling.initial_bn_calibration``; returns the encoder digest."""
     from collections import namedtuple
 
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.stages import encoder_stage
+    from icmil_kfp.components import _runtime as rt
 
     # Without BatchNorm calibration the stage reads neither the manifest nor the tiles: None is fine there.
     manifest_csv = rt.cohort_manifest(cohort.path) if cohort else None
     tiles_dir = tiles.path if tiles else None
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     result = encoder_stage(cfg, manifest_csv, tiles_dir, encoder.path)  # type: ignore[arg-type]
     encoder.metadata.update(rt.metadata(result))
     return namedtuple("EncoderOutputs", ["encoder_digest"])(str(result.get("encoder_digest", "")))

@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -26,10 +26,11 @@ def evaluate(
     (its ``finetune.json`` adds the stage-2 summary to the row)."""
     from collections import namedtuple
 
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.stages import evaluate_stage
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     with rt.merged_view([f.path for f in features]) as features_dir:
         result = evaluate_stage(
             cfg,

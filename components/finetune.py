@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -24,10 +24,11 @@ def finetune(
     """Teacher = (``previous_encoder``, ``head``) of round k-1; ``features`` are what that encoder made."""
     from collections import namedtuple
 
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.stages import finetune_stage
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     with rt.merged_view([f.path for f in features]) as features_dir:
         result = finetune_stage(
             cfg,

@@ -8,7 +8,7 @@ features are merged only when tuning is on.
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)

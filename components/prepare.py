@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -13,11 +13,11 @@ def prepare(config_yaml: str, manifest: str, n_shards: int, cohort: Output[Datas
     The shard list is the single return value: the local runner's ParallelFor reads only an ``Output`` list.
     The manifest digest, slide count and classes are in the cohort artifact's metadata.
     """
-    from components import _runtime as rt
     from icmil.cohort import prepare_cohort
+    from icmil.config import config_from_yaml
 
     result = prepare_cohort(
-        rt.stage_config(config_yaml), cohort.path, n_shards=n_shards, manifest=manifest or None
+        config_from_yaml(config_yaml), cohort.path, n_shards=n_shards, manifest=manifest or None
     )
     cohort.metadata.update(
         {

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -17,10 +17,10 @@ def promote(
     MLflow parent run as ``gate_promoted`` and the tag ``icmil.gate.final``)."""
     from collections import namedtuple
 
-    from components import _runtime as rt
-    from icmil.tracking import promote as promote_challenger
+    from icmil.config import config_from_yaml
+    from icmil.registry import promotion_step
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
-    promoted, reason = rt.run_promotion(promote_challenger, cfg)
-    rt.record_promotion(cfg, parent_run_id, promoted, reason)
+    cfg = config_from_yaml(config_yaml)
+    promoted, reason = promotion_step(cfg, rt.stage_tracker(cfg, parent_run_id))
     return namedtuple("PromoteOutputs", ["promoted", "reason"])(promoted, reason)  # type: ignore[call-arg,arg-type]

@@ -5,7 +5,7 @@ condition of the promotion gate (``dsl.If``)."""
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -23,18 +23,19 @@ def register(
     The decision is the single return value because the local runner resolves a ``dsl.If`` condition only
     on an ``Output`` parameter; the version and the reason are in ``registration/registration.json``.
     """
-    from components import _runtime as rt
-    from icmil.tracking import register_challenger
+    from icmil.config import config_from_yaml
+    from icmil.registry import register_run_model, write_registration
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
-    version, promote, reason = rt.register_round_model(
-        register_challenger,
+    cfg = config_from_yaml(config_yaml)
+    done = register_run_model(
         cfg,
-        parent_run_id,
         rt.cohort_manifest(cohort.path),
         encoder.path,
         head.path,
         evaluation.path,
+        parent_run_id=parent_run_id,
+        tracker=rt.stage_tracker(cfg, parent_run_id),
     )
-    registration.metadata.update(rt.write_registration(registration.path, cfg, version, promote, reason))
-    return promote
+    registration.metadata.update(write_registration(registration.path, done))
+    return done.promote

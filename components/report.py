@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -18,13 +18,17 @@ def report(
     metrics and the gate's decision as the parent run's own metrics and tags."""
     import json
 
-    from components import _runtime as rt
-    from icmil.run_summary import read_run_summary, write_run_summary
+    from icmil.config import config_from_yaml
+    from icmil.registry import read_registration
+    from icmil.run_summary import write_run_summary
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
-    path = write_run_summary(
-        summary.path, json.loads(history_json or "[]"), registration=rt.read_registration(registration.path)
-    )
+    cfg = config_from_yaml(config_yaml)
+    rounds, registered = json.loads(history_json or "[]"), read_registration(registration.path)
+    path = write_run_summary(summary.path, rounds, registration=registered)
     rt.log_summary_to_parent(
-        cfg, parent_run_id, read_run_summary(path), [path, path.with_name("summary.csv")]
+        cfg,
+        parent_run_id,
+        {"rounds": rounds, "registration": registered},
+        [path, path.with_name("summary.csv")],
     )

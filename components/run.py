@@ -7,21 +7,22 @@ task cannot take another task's output, so it finds the parent run by the KFP ru
 
 from kfp import dsl
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
 def open_run(config_yaml: str, kfp_run_id: str, kfp_run_name: str) -> str:
     """Create the parent run (tags: KFP run id, git commit, config digest; config as params + artifact)."""
-    from components._runtime import stage_config
+    from icmil.config import config_from_yaml
     from icmil.tracking import start_parent_run
 
-    return start_parent_run(stage_config(config_yaml), run_name=kfp_run_name, kfp_run_id=kfp_run_id)
+    return start_parent_run(config_from_yaml(config_yaml), run_name=kfp_run_name, kfp_run_id=kfp_run_id)
 
 
 @dsl.component(**COMPONENT_OPTIONS)
 def close_run(config_yaml: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
     """Mark the parent run FINISHED when the pipeline succeeded, FAILED otherwise (with the error as a tag)."""
-    from components._runtime import close_parent_run, stage_config
+    from icmil.config import config_from_yaml
+    from icmil_kfp.components._runtime import close_parent_run
 
-    close_parent_run(stage_config(config_yaml), kfp_run_id, status.state, status.error_message or "")
+    close_parent_run(config_from_yaml(config_yaml), kfp_run_id, status.state, status.error_message or "")

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -18,10 +18,11 @@ def train_head(
     tuned: Input[Artifact] | None = None,
 ):
     """``tuned``: the round's ``best_params.json`` (Optuna) overriding ``mil`` settings; absent = the config."""
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.stages import train_stage
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     with rt.merged_view([f.path for f in features]) as features_dir:
         result = train_stage(
             cfg,

@@ -9,7 +9,7 @@ the loop body must need nothing but its item and artifacts; on a cluster this sh
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 
-from components._base import COMPONENT_OPTIONS
+from icmil_kfp.components._base import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
@@ -19,10 +19,11 @@ def tune_prepare(
     """Creates the round's study (named after the KFP run) and its budget; returns one assignment per worker."""
     import json
 
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.tuning import prepare_tuning, study_name_for
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     name = study_name_for(cfg, round_index, run_key=kfp_run_id)
     study = prepare_tuning(cfg, name, round_index, tracker=rt.stage_tracker(cfg, parent_run_id))
     return [json.dumps({"study": study, "worker": i, "parent_run_id": parent_run_id}) for i in range(workers)]
@@ -40,10 +41,11 @@ def tune_worker(
     """Runs trials until the study's budget is spent; returns the assignment plus how many trials it ran."""
     import json
 
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.tuning import run_tuning_worker
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     job = json.loads(assignment)
     ran = run_tuning_worker(
         cfg,
@@ -71,10 +73,11 @@ def tune_finish(
     ``workers_done`` (the Collected worker results) makes this task wait for every worker."""
     import json
 
-    from components import _runtime as rt
+    from icmil.config import config_from_yaml
     from icmil.tuning import finish_tuning
+    from icmil_kfp.components import _runtime as rt
 
-    cfg = rt.stage_config(config_yaml)
+    cfg = config_from_yaml(config_yaml)
     done = [json.loads(item) for item in workers_done]
     study = done[0]["study"]
     result = finish_tuning(cfg, best.path, study, round_index, tracker=rt.stage_tracker(cfg, parent_run_id))

@@ -53,6 +53,14 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> ICMILConfig:
     return cfg
 
 
+def _checked_heads(cfg: ICMILConfig) -> ICMILConfig:
+    """``cfg`` after checking its bag-head settings (``mil.head``, ``mil.heads.*``) against the registered heads."""
+    from icmil.mil import check_head_settings
+
+    check_head_settings(cfg.mil)
+    return cfg
+
+
 def _manifest(cfg: ICMILConfig, path: Path) -> Any:
     from icmil.manifest import read_run_manifest
 
@@ -132,7 +140,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from icmil.mil import train_mil_head
 
-    cfg = _config(args, [f"mil.head={args.head}"] if args.head else [])
+    cfg = _checked_heads(_config(args, [f"mil.head={args.head}"] if args.head else []))
     manifest = _manifest(cfg, args.manifest)
     lesions = json.loads(args.lesions.read_text()) if args.lesions else None
     result = train_mil_head(manifest, args.features, args.out, cfg.mil, lesions=lesions)
@@ -164,7 +172,7 @@ def cmd_couple(args: argparse.Namespace) -> int:
         extra.append(f"manifest={args.manifest}")
     if args.rounds is not None:
         extra.append(f"coupling.rounds={args.rounds}")
-    cfg = _config(args, extra)
+    cfg = _checked_heads(_config(args, extra))
     if not (Path(cfg.run_dir) / "manifest.csv").is_file():
         from icmil.cohort import preflight_cohort
 
@@ -177,11 +185,11 @@ def cmd_couple(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.runner import run_local
+    from icmil_kfp.pipelines.runner import run_local
 
     extra = [f"run_dir={args.out}"] if args.out else []
     cfg = load_config(args.config_file, [*extra, *args.overrides])
-    summary = run_local(cfg)
+    summary = run_local(cfg)  # checks the head settings before anything runs
     _print_report(summary.run_dir)
     return 0
 
@@ -201,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.runner import compile_pipeline
+    from icmil_kfp.pipelines.runner import compile_pipeline
 
     cfg = _config(args)
     path = compile_pipeline(cfg, args.out)
@@ -210,7 +218,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.runner import submit
+    from icmil_kfp.pipelines.runner import submit
 
     cfg = _config(args)
     run_id = submit(
@@ -226,7 +234,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipelines.runner import schedule
+    from icmil_kfp.pipelines.runner import schedule
 
     cfg = _config(args)
     job_id = schedule(
@@ -245,7 +253,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from icmil.tuning import tune_round
 
-    cfg = _config(args)
+    cfg = _checked_heads(_config(args))
     result = tune_round(
         cfg,
         manifest_csv=args.manifest,
@@ -264,21 +272,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from icmil.tracking import RetryPolicy, promote
+    from icmil.registry import promote_with_config
 
     cfg = _config(args)
     stores = _stores(args, cfg, "promote")
-    result = promote(
-        args.model or cfg.tracking.registered_model,
-        metric=cfg.tracking.promotion_metric,
-        split=cfg.tracking.promotion_split,
-        margin=cfg.tracking.promotion_margin,
-        floor=cfg.tracking.promotion_floor,
+    result = promote_with_config(
+        cfg,
+        model=args.model,
         tracking_uri=stores.tracking_uri,
         registry_uri=stores.registry_uri,
         target_registry_uri=args.target_registry,
-        on_data_mismatch=cfg.tracking.on_data_mismatch,
-        retry=RetryPolicy.from_config(cfg.tracking),
         dry_run=args.dry_run,
     )
     print(result)
@@ -309,8 +312,8 @@ def format_prediction_table(table: Any, out_dir: Path) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from icmil.errors import ConfigError, check_failure_fraction
+    from icmil.registry import run_predictions
     from icmil.tracking import RetryPolicy
-    from icmil.tracking.slide_classifier import run_predictions
 
     cfg = _config(args)
     if not args.slides and not args.manifest:
@@ -349,7 +352,33 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from icmil.config import config_to_yaml
 
-    print(config_to_yaml(_config(args)), end="")  # redacted, like every written config
+    print(config_to_yaml(_checked_heads(_config(args))), end="")  # redacted, like every written config
+    return 0
+
+
+def format_heads(rows: Sequence[dict[str, Any]]) -> str:
+    """What ``icmil heads`` prints: per head, its settings (``mil.heads.<head>.<setting>``) and defaults."""
+    lines = []
+    for row in rows:
+        lines.append(f"{row['head']}: {row['summary']}")
+        lines.append(
+            f"  {row['optimizer']}, lr {row['default_lr']:g}, weight decay {row['default_weight_decay']:g} "
+            f"(mil.lr, mil.weight_decay); stage-2 confidence beta {row['confidence_beta']:g} "
+            f"(coupling.beta.{row['head']})"
+        )
+        for key, spec in row["settings"].items():
+            lines.append(f"  mil.heads.{row['head']}.{key}: {spec['type']} = {spec['default']!r}")
+    return "\n".join(lines)
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from icmil.mil.settings import describe_heads
+
+    rows = describe_heads()
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_heads(rows))
     return 0
 
 
@@ -387,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--features", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--head", default=None, help="maxpool | abmil | dtfd | transmil (default: mil.head)")
+    p.add_argument(
+        "--head", default=None, help="a registered bag head, see `icmil heads` (default: mil.head)"
+    )
     p.add_argument("--lesions", type=Path, default=None, help="lesions.json for patch-level evaluation")
 
     p = add("evaluate", cmd_evaluate, "evaluate a trained bag head on one split")
@@ -491,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
         "encoders", cmd_encoders, "list the encoder presets, their dimensions and whether weights are here"
     )
     p.add_argument("--json", action="store_true", help="print every field of every preset as JSON")
+
+    p = sub.add_parser(
+        "heads", help="list the bag heads, their settings (mil.heads.<head>.<setting>) and their defaults"
+    )
+    p.add_argument("--json", action="store_true", help="print every field as JSON")
+    p.set_defaults(func=cmd_heads)
 
     add("config", cmd_config, "print the resolved config (defaults + file + overrides)")
     return parser

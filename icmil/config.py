@@ -12,11 +12,12 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icmil.errors import ConfigError
 from icmil.io import text_digest, write_text_atomic
@@ -158,14 +159,24 @@ class EmbedConfig(_Section):
 
 
 class MILConfig(_Section):
-    """Bag classifier (stage 1). ``lr=None`` means the head's default from METHOD.md."""
+    """Bag classifier (stage 1). A head's own settings are ``heads.<head>.<setting>`` (``icmil heads`` lists them);
+    ``hidden_dim``, ``attention_dim`` and ``dropout`` go to every head that has them (see icmil.mil.settings).
+    ``lr`` / ``weight_decay`` null: the head's own defaults."""
 
     head: str = "abmil"
-    hidden_dim: int = Field(512, ge=1, description="DimRed output size")
-    attention_dim: int = Field(128, ge=1)
+    hidden_dim: int = Field(512, ge=1, description="DimRed output size (every head with a hidden_dim)")
+    attention_dim: int = Field(
+        128, ge=1, description="attention hidden size (every head with an attention_dim)"
+    )
     dropout: float = Field(0.0, ge=0, lt=1)
-    lr: float | None = Field(None, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    heads: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-head settings, e.g. {dtfd: {pseudo_bags: 5}}; unknown heads or settings are errors",
+    )
+    lr: float | None = Field(None, gt=0, description="null: the head's default_lr")
+    weight_decay: float | None = Field(
+        None, ge=0, description="null: the head's default_weight_decay (1e-4; TransMIL 1e-5)"
+    )
     epochs: int = Field(200, ge=1)
     patience: int | None = Field(30, ge=1)
     selection: Literal["auc", "loss"] = Field(
@@ -189,13 +200,6 @@ class MILConfig(_Section):
         "with the head; see icmil.mil.layers.DimRed). false = raw features, as the original code",
     )
     seed: int = 0
-    dtfd_pseudo_bags: int = Field(5, ge=1)
-    dtfd_distill: Literal["afs", "maxs", "maxmins"] = "afs"
-    dtfd_tier_blend: bool = Field(False, description="TMI teacher: 0.7*tier2 + 0.3*tier1 logits")
-    transmil_teacher: Literal["single_instance", "token_head"] = "single_instance"
-    transmil_heads: int = Field(8, ge=1, description="attention heads; head width = hidden_dim / heads (64)")
-    transmil_landmarks: int = Field(256, ge=1, description="Nyström landmarks")
-    transmil_weight_decay: float = Field(1e-5, ge=0, description="TransMIL's Lookahead(RAdam) weight decay")
     bootstrap_samples: int = Field(1000, ge=0)
     cache_bags: int = Field(
         4, ge=0, description="bags kept in memory (LRU); the rest stream from the HDF5 store"
@@ -207,6 +211,54 @@ class MILConfig(_Section):
         le=1,
         description="fail when more slides lack usable features (missing/empty file); the rest are skipped",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_head_keys(cls, data: Any) -> Any:
+        """Configs written before heads owned their settings used flat keys (``dtfd_pseudo_bags``): read them as
+        ``heads.<head>.<setting>``, saying so once per key."""
+        if not isinstance(data, dict) or not LEGACY_HEAD_KEYS.keys() & data.keys():
+            return data
+        data = dict(data)
+        heads = {name: dict(values) for name, values in (data.get("heads") or {}).items()}
+        for old, (head, setting) in LEGACY_HEAD_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if setting == "weight_decay":
+                # TransMIL trained with this weight decay INSTEAD of mil.weight_decay; other heads ignored it.
+                if data.get("head", "abmil") == "transmil":
+                    data["weight_decay"] = value
+                _deprecated(old, "mil.weight_decay (TransMIL's own default is 1e-5)")
+                continue
+            current = heads.setdefault(head, {})
+            if setting in current and current[setting] != value:
+                raise ValueError(f"{old}={value!r} contradicts heads.{head}.{setting}={current[setting]!r}")
+            current.setdefault(setting, value)
+            _deprecated(old, f"mil.heads.{head}.{setting}")
+        data["heads"] = heads
+        return data
+
+
+# Flat MILConfig keys of per-head settings, before each head owned its settings: read as heads.<head>.<setting>.
+LEGACY_HEAD_KEYS = {
+    "dtfd_pseudo_bags": ("dtfd", "pseudo_bags"),
+    "dtfd_distill": ("dtfd", "distill"),
+    "dtfd_tier_blend": ("dtfd", "tier_blend"),
+    "transmil_teacher": ("transmil", "teacher"),
+    "transmil_heads": ("transmil", "n_heads"),
+    "transmil_landmarks": ("transmil", "landmarks"),
+    "transmil_weight_decay": ("transmil", "weight_decay"),
+}
+_WARNED: set[str] = set()
+
+
+def _deprecated(old: str, new: str) -> None:
+    if old not in _WARNED:
+        _WARNED.add(old)
+        from icmil.log import get_logger
+
+        get_logger("config").warning("mil.%s is deprecated; it is read as %s: write that instead", old, new)
 
 
 class CouplingConfig(_Section):
@@ -227,7 +279,9 @@ class CouplingConfig(_Section):
     crop_scale: tuple[float, float] = (0.5, 1.0)
     confidence: bool = Field(False, description="TMI variant: weight L_c by |2a-1|^beta")
     beta: dict[str, float] = Field(
-        default_factory=lambda: {"abmil": 6.0, "dtfd": 2.0, "maxpool": 6.0, "transmil": 6.0}
+        default_factory=dict,
+        description="confidence exponent per head, e.g. {dtfd: 2}; a head not named uses its own confidence_beta "
+        "(ABMIL, max-pooling, TransMIL 6; DTFD 2)",
     )
     hard_negatives: bool = Field(False, description="patches of negative slides are hard 0 (improvement)")
     balanced_sampler: bool = Field(
@@ -539,3 +593,77 @@ def dump_config(cfg: ICMILConfig, directory: str | os.PathLike[str], name: str =
     """Write the resolved config next to an output (``directory/config.yaml``) atomically, credentials
     redacted (a config file beside the outputs is read by people and copied around: it must hold no secret)."""
     return write_text_atomic(Path(directory) / name, config_to_yaml(cfg))
+
+
+# Tunable stage-2 settings (``tuning.coupling_space`` keys); ``beta`` is the confidence exponent of ``mil.head``.
+COUPLING_KEYS = ("lr", "weight_decay", "max_steps", "beta")
+# MILConfig fields that are not searched as numbers (a head's own settings are searched as heads.<head>.<key>).
+NOT_TUNABLE_MIL_KEYS = ("head", "heads")
+
+
+def _head_setting(name: str) -> tuple[str, str] | None:
+    """``(head, setting)`` of a per-head key (``heads.dtfd.pseudo_bags`` or the older ``dtfd_pseudo_bags``)."""
+    if name.startswith("heads."):
+        _, head, setting = name.split(".")
+        return head, setting
+    if name in LEGACY_HEAD_KEYS and LEGACY_HEAD_KEYS[name][1] != "weight_decay":
+        return LEGACY_HEAD_KEYS[name]
+    return None
+
+
+def _tunable_mil_key(name: str) -> bool:
+    if name.startswith("heads."):
+        parts = name.split(".")
+        return len(parts) == 3 and all(parts)
+    return name in LEGACY_HEAD_KEYS or (name in MILConfig.model_fields and name not in NOT_TUNABLE_MIL_KEYS)
+
+
+def apply_params(cfg: ICMILConfig, params: Mapping[str, Any], target: str = "mil") -> ICMILConfig:
+    """A copy of ``cfg`` with tuned ``params`` written into ``cfg.mil`` (or the stage-2 settings), validated.
+
+    This is how ``best_params.json`` reaches the round's training step: ``train_stage(..., params=...)`` calls
+    it. Keys: ``mil`` — MILConfig fields or ``heads.<head>.<setting>`` (whether the head has that setting is
+    checked when the head is built, and by :func:`icmil.tuning.validate_space`); ``coupling`` —
+    :data:`COUPLING_KEYS`, ``beta`` being the confidence exponent of ``mil.head``. Unknown keys and out-of-range
+    values raise :class:`ConfigError` naming the key.
+
+    >>> new = apply_params(ICMILConfig(), {"lr": 3e-4, "heads.dtfd.pseudo_bags": 3})
+    >>> new.mil.lr, new.mil.heads
+    (0.0003, {'dtfd': {'pseudo_bags': 3}})
+    """
+    if target == "mil":
+        bad = sorted(name for name in params if not _tunable_mil_key(name))
+        if bad:
+            raise ConfigError(
+                f"tuned parameters {bad} do not fit the mil section: give MILConfig fields "
+                "or heads.<head>.<setting>"
+            )
+        data = cfg.mil.model_dump()
+        for key, value in params.items():
+            where = _head_setting(key)
+            if where is None:
+                data[key] = value
+            else:
+                head, setting = where
+                data["heads"] = {**data["heads"], head: {**data["heads"].get(head, {}), setting: value}}
+        try:
+            mil = MILConfig.model_validate(data)
+        except Exception as err:
+            raise ConfigError(f"tuned parameters {dict(params)} do not fit MILConfig: {err}") from None
+        return cfg.model_copy(update={"mil": mil})
+    if target == "coupling":
+        unknown = set(params) - set(COUPLING_KEYS)
+        if unknown:
+            raise ConfigError(f"tuned parameters {sorted(unknown)} are not stage-2 settings {COUPLING_KEYS}")
+        data = cfg.coupling.model_dump()
+        for key, value in params.items():
+            if key == "beta":
+                data["beta"] = {**data["beta"], cfg.mil.head: float(value)}
+            else:
+                data[key] = value
+        try:
+            coupling = CouplingConfig.model_validate(data)
+        except Exception as err:
+            raise ConfigError(f"tuned parameters {dict(params)} do not fit CouplingConfig: {err}") from None
+        return cfg.model_copy(update={"coupling": coupling})
+    raise ConfigError(f"unknown tuning target {target!r} (mil or coupling)")

@@ -164,6 +164,20 @@ def _pair(m: re.Match[str]) -> str:
     return f"{key}{m.group('sep')}{m.group('quote')}{REDACTED}"
 
 
+def holds_credential(value: str) -> bool:
+    """True when ``value`` carries a credential itself: a password in a URI (``scheme://user:password@``) or a
+    secret-looking query parameter with a value (``?token=...``, ``X-Amz-Signature=...``). What a compiled
+    pipeline must not contain (a user name alone, or the name of a Secret, is fine).
+
+    >>> holds_credential("postgresql://optuna:pw@db/optuna"), holds_credential("postgresql://optuna@db/optuna")
+    (True, False)
+    >>> holds_credential("http://mlflow:5000/?token=abc"), holds_credential("icmil-optuna")
+    (True, False)
+    """
+    m = _URI_USERINFO_START.match(value.strip())
+    return bool(m and ":" in m.group("userinfo")) or bool(_SECRET_QUERY_ANYWHERE.search(value))
+
+
 def is_secret_key(key: object) -> bool:
     """True for a key whose value is a secret (``password``, ``api_key``), False for names of Secrets."""
     name = str(key)

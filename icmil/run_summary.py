@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,21 @@ if TYPE_CHECKING:
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
+# The per-round table's columns, in order: what `icmil couple` and `icmil run` print (summary.csv has every metric).
+SUMMARY_COLUMNS = (
+    "round",
+    "teacher_kept",
+    "val_auc",
+    "test_auc",
+    "test_accuracy",
+    "test_f1",
+    "test_loss",
+    "patch_auc_test",
+    "patch_auc_all",
+    "finetune_best_step",
+    "finetune_teacher_val_auc",
+    "finetune_selected_val_auc",
+)
 
 
 def write_run_summary(
@@ -50,15 +64,6 @@ def write_run_summary(
     }
     write_text_atomic(out / SUMMARY_CSV, pd.DataFrame(rows).to_csv(index=False))
     return write_json_atomic(out / SUMMARY_JSON, data)
-
-
-def read_run_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The dict :func:`write_run_summary` wrote (``path``: the file or its folder)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / SUMMARY_JSON
-    data: dict[str, Any] = json.loads(p.read_text(encoding="utf-8"))
-    return data
 
 
 # Metrics whose change from round 0 to the last round is logged as ``gain_<metric>`` (what coupling bought).

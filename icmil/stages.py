@@ -39,11 +39,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icmil.config import ICMILConfig, MILConfig, dump_config
+from icmil.config import ICMILConfig, apply_params, dump_config
 from icmil.errors import ConfigError, FeatureStoreError
 from icmil.io import text_digest, write_json_atomic
 from icmil.log import get_logger
 from icmil.manifest import Manifest, read_run_manifest
+from icmil.nested import flatten
 from icmil.tracking.base import NullTracker, StageRun, StageTracker
 
 log = get_logger("stages")
@@ -102,21 +103,17 @@ def _finish(
     return record
 
 
-def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a (nested) dict, nested keys joined by ``_`` — what a tracker accepts.
 
     >>> _numeric({"test": {"auc": 0.9, "n": 4}, "head": "abmil", "x": float("nan")})
     {'test_auc': 0.9, 'test_n': 4.0}
     """
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        if isinstance(v, Mapping):
-            out.update(_numeric(v, f"{prefix}{k}_"))
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        elif math.isfinite(float(v)):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+    return {
+        name: float(v)
+        for name, v in flatten(metrics, sep="_").items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 def _tracker(tracker: StageTracker | None) -> StageTracker:
@@ -341,16 +338,6 @@ def embed_stage(
         return _finish(marker, "embed", round_index, cfg, result, t0)
 
 
-def mil_config_with(cfg: ICMILConfig, params: Mapping[str, Any] | None) -> MILConfig:
-    """``cfg.mil`` with tuned ``params`` (e.g. Optuna's best trial) applied and validated."""
-    if not params:
-        return cfg.mil
-    unknown = sorted(set(params) - set(MILConfig.model_fields))
-    if unknown:
-        raise ConfigError(f"tuned parameters {unknown} are not fields of the mil section")
-    return MILConfig.model_validate({**cfg.mil.model_dump(), **dict(params)})
-
-
 def train_stage(
     cfg: ICMILConfig,
     manifest_csv: PathLike,
@@ -370,7 +357,7 @@ def train_stage(
         return done
     t0 = time.perf_counter()
     manifest = read_run_manifest(cfg, manifest_csv)
-    mil_cfg = mil_config_with(cfg, params)
+    mil_cfg = apply_params(cfg, params).mil if params else cfg.mil
     with _tracker(tracker).stage("train", round_index) as run:
         run.log_params({f"mil.{k}": v for k, v in mil_cfg.model_dump(mode="json").items()})
 

@@ -19,7 +19,7 @@ Design choices (see DESIGN.md "Pipeline DAG"):
 * An exit handler closes the MLflow parent run as FINISHED or FAILED. The exit task cannot take another
   task's output, so both ends find the parent run by the KFP run id.
 * Secrets never enter the YAML: :func:`check_no_secrets` rejects a config with credentials in a URI, and
-  ``pipelines.platform`` maps Kubernetes Secrets to environment variables by name.
+  ``icmil_kfp.pipelines.platform`` maps Kubernetes Secrets to environment variables by name.
 
 Example:
     >>> from icmil.config import load_config
@@ -29,30 +29,28 @@ Example:
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as real types.
-import re
-from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
 from kfp import dsl
 from kfp.dsl.base_component import BaseComponent
 
-from components.embed import embed
-from components.encoder import initial_encoder
-from components.evaluate import evaluate
-from components.finetune import finetune
-from components.merge import merge_shards
-from components.prepare import prepare
-from components.promote import promote
-from components.register import register
-from components.report import report
-from components.run import close_run, open_run
-from components.tile import tile
-from components.train import train_head
-from components.tune import tune_finish, tune_prepare, tune_worker
 from icmil.config import ICMILConfig, config_from_dict, config_to_yaml
 from icmil.errors import ConfigError
-from pipelines.platform import place
+from icmil_kfp.components.embed import embed
+from icmil_kfp.components.encoder import initial_encoder
+from icmil_kfp.components.evaluate import evaluate
+from icmil_kfp.components.finetune import finetune
+from icmil_kfp.components.merge import merge_shards
+from icmil_kfp.components.prepare import prepare
+from icmil_kfp.components.promote import promote
+from icmil_kfp.components.register import register
+from icmil_kfp.components.report import report
+from icmil_kfp.components.run import close_run, open_run
+from icmil_kfp.components.tile import tile
+from icmil_kfp.components.train import train_head
+from icmil_kfp.components.tune import tune_finish, tune_prepare, tune_worker
+from icmil_kfp.pipelines.platform import place
 
 # Sections each cacheable task reads; every other section is reset to its default in the config it receives.
 # A "section.field" entry keeps one field of a section that is otherwise reset.
@@ -65,20 +63,6 @@ CACHE_VIEWS: dict[str, tuple[str, ...]] = {
 }
 SECTIONS = ("synth", "tiling", "encoder", "embed", "mil", "coupling", "tracking", "tuning", "pipeline")
 
-_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]*:[^/@\s]*@")
-_SECRET_QUERY = re.compile(r"[?&][^=&]*(password|passwd|secret|token|signature|access[_-]?key)[^=&]*=", re.I)
-
-
-def _strings(data: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    if isinstance(data, Mapping):
-        for k, v in data.items():
-            yield from _strings(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(data, (list, tuple)):
-        for i, v in enumerate(data):
-            yield from _strings(v, f"{prefix}[{i}]")
-    elif isinstance(data, str):
-        yield prefix, data
-
 
 def check_no_secrets(cfg: ICMILConfig) -> None:
     """Refuse to compile a config that holds a credential: the YAML is uploaded to KFP and readable there.
@@ -89,10 +73,11 @@ def check_no_secrets(cfg: ICMILConfig) -> None:
     ...
     icmil.errors.ConfigError: tuning.storage holds a credential ('postgresql://***@db/optuna'); ...
     """
-    from icmil.redact import redact_text, redact_uri
+    from icmil.nested import flatten
+    from icmil.redact import holds_credential, redact_text, redact_uri
 
-    for field, value in _strings(cfg.model_dump(mode="json")):
-        if _USERINFO_PASSWORD.match(value) or _SECRET_QUERY.search(value):
+    for field, value in flatten(cfg.model_dump(mode="json"), lists=True).items():
+        if isinstance(value, str) and holds_credential(value):
             # The message shows the value as every log shows it: redacted (it is printed and may be logged).
             raise ConfigError(
                 f"{field} holds a credential ({redact_text(redact_uri(value))!r}); "
@@ -136,7 +121,7 @@ def cluster_config(cfg: ICMILConfig) -> ICMILConfig:
 def _tuning(cfg: ICMILConfig, full: str, r: int, parent: Any, cohort: Any, features: Any) -> Any:
     """Round ``r``'s study: prepare → ParallelFor of workers (one merged features folder) → finish; returns
     the ``best_params`` artifact for the round's training step."""
-    from pipelines.platform import use_optuna_storage
+    from icmil_kfp.pipelines.platform import use_optuna_storage
 
     workers = cfg.tuning.workers
     # On a cluster the study must live in a shared database: its URL comes from a Secret (never the YAML).

@@ -29,17 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from icmil.config import ICMILConfig, dump_config
 from icmil.errors import ConfigError, ICMILError
 from icmil.io import atomic_path, text_digest, write_json_atomic
 from icmil.log import get_logger
+from icmil.run_summary import SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_JSON
 
 log = get_logger("pipeline")
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
-SUMMARY_NAME = "summary.json"
 
 
 # --------------------------------------------------------------------------------------------- compile
@@ -54,8 +52,10 @@ def compile_pipeline(cfg: ICMILConfig, out_path: str | os.PathLike[str]) -> Path
     """
     from kfp import compiler
 
-    from pipelines.icmil_pipeline import build_pipeline
+    from icmil.mil import check_head_settings
+    from icmil_kfp.pipelines.icmil_pipeline import build_pipeline
 
+    check_head_settings(cfg.mil)  # a bad head setting fails here, not in the train task hours later
     out = Path(out_path)
     pipeline = build_pipeline(cfg)
     with atomic_path(out, suffix=".yaml") as tmp:
@@ -192,19 +192,6 @@ def _index_outputs(run_folder: Path) -> dict[str, str]:
     return index
 
 
-# Columns of the printed per-round table (summary.csv has every metric).
-TABLE_COLUMNS = (
-    "round",
-    "val_auc",
-    "test_auc",
-    "test_accuracy",
-    "test_f1",
-    "patch_auc_test",
-    "finetune_teacher_val_auc",
-    "finetune_selected_val_auc",
-)
-
-
 def format_summary(summary: RunSummary) -> str:
     """The text ``icmil run`` prints: where things are, the per-round metrics table and the gate's decision."""
     import pandas as pd
@@ -219,7 +206,7 @@ def format_summary(summary: RunSummary) -> str:
     ]
     if summary.rounds:
         table = pd.DataFrame(summary.rounds)
-        cols = [c for c in TABLE_COLUMNS if c in table.columns]
+        cols = [c for c in SUMMARY_COLUMNS if c in table.columns]
         table["round"] = table["round"].astype(int)
         lines += [
             "per-round metrics (round 0 = frozen encoder; round k = after k ICMIL couplings):",
@@ -261,10 +248,12 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     """
     from kfp import local
 
+    from icmil.mil import check_head_settings
     from icmil.tracking import resolve_tracking_uri
     from icmil.tracking.retry import configure_mlflow_http
-    from pipelines.icmil_pipeline import build_pipeline
+    from icmil_kfp.pipelines.icmil_pipeline import build_pipeline
 
+    check_head_settings(cfg.mil)
     started = time.monotonic()
     # One tracking budget for this process and the task processes it starts (they inherit the environment).
     configure_mlflow_http(cfg.tracking)
@@ -333,9 +322,9 @@ def _collect_summary(cfg: ICMILConfig, run_dir: Path, run_folder: Path, tracking
     summary = RunSummary(
         run_dir=run_dir, pipeline_run_dir=run_folder, tracking_uri=redact_uri(tracking_uri), outputs=outputs
     )
-    found = sorted(run_folder.rglob(f"summary/{SUMMARY_NAME}"))
+    found = sorted(run_folder.rglob(f"summary/{SUMMARY_JSON}"))
     if not found:
-        log.warning("the pipeline wrote no %s under %s", SUMMARY_NAME, run_folder)
+        log.warning("the pipeline wrote no %s under %s", SUMMARY_JSON, run_folder)
         return summary
     data = json.loads(found[-1].read_text(encoding="utf-8"))
     summary.rounds = list(data.get("rounds", []))
@@ -344,7 +333,7 @@ def _collect_summary(cfg: ICMILConfig, run_dir: Path, run_folder: Path, tracking
     if summary.registration.get("model"):
         summary.registration["champion"] = _champion_version(cfg, str(summary.registration["model"]))
     # The run-folder contract (docs/architecture.md): RUN/summary.json and RUN/summary.csv.
-    for name in (SUMMARY_NAME, "summary.csv"):
+    for name in (SUMMARY_JSON, SUMMARY_CSV):
         src = found[-1].parent / name
         if src.is_file():
             with atomic_path(run_dir / name) as tmp:
@@ -657,9 +646,3 @@ def _schedule(
     )
     log.info("recurring run %s (%s) created on %s", job.recurring_run_id, cron, host)
     return str(job.recurring_run_id)
-
-
-def describe_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a compiled pipeline YAML into ``{"spec": ..., "platform": ...}`` (the two YAML documents)."""
-    docs = list(yaml.safe_load_all(Path(path).read_text(encoding="utf-8")))
-    return {"spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}}

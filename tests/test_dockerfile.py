@@ -79,6 +79,10 @@ def test_installs_the_project_from_the_copied_tree() -> None:
     assert f"torch=={args['TORCH_VERSION']}" in bootstrap
     assert f"torchvision=={args['TORCHVISION_VERSION']}" in bootstrap
     assert any("openslide" in r for r in runs)  # openslide-bin comes with the project: import check
+    # The Kubeflow layer is installed under icmil_kfp (never as top-level `components` / `pipelines`).
+    checks = [r for r in runs if "python -c" in r and "import" in r]
+    assert checks and all("icmil_kfp.components" in r and "icmil_kfp.pipelines" in r for r in checks)
+    assert not any(re.search(r"import[^;]*\b(?<!\.)(components|pipelines)\b", r) for r in checks)
 
 
 def test_no_credentials_in_the_image() -> None:

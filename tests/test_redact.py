@@ -88,7 +88,7 @@ def test_captured_output_is_redacted_even_when_a_secret_is_split_across_writes()
 
 
 def test_pipeline_log_holds_no_secret(tmp_path: Path) -> None:
-    from pipelines.runner import _LogFilter
+    from icmil_kfp.pipelines.runner import _LogFilter
 
     terminal = io.StringIO()
     with (tmp_path / "pipeline.log").open("w") as fh:

@@ -11,10 +11,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from icmil.config import apply_params
 from icmil.coupling import run_coupling
 from icmil.coupling.driver import config_conflicts, prepare_run
 from icmil.errors import ConfigError
-from icmil.stages import _numeric, marker_path, mil_config_with, read_marker
+from icmil.stages import _numeric, marker_path, read_marker
 from icmil.tracking.base import NullTracker
 from tests.coupling._cohort import copy_run, round0_run, tiny_config
 
@@ -141,9 +142,9 @@ def test_config_conflicts_and_helpers() -> None:
     ]
     assert _numeric({"val": {"auc": 0.5}, "n": 3, "ok": True, "s": "x"}) == {"val_auc": 0.5, "n": 3.0}
     cfg = tiny_config(Path("unused"))
-    assert mil_config_with(cfg, {"lr": 1e-3}).lr == 1e-3
-    with pytest.raises(ConfigError, match="not fields"):
-        mil_config_with(cfg, {"learning_rate": 1e-3})
+    assert apply_params(cfg, {"lr": 1e-3}).mil.lr == 1e-3
+    with pytest.raises(ConfigError, match="do not fit the mil section"):
+        apply_params(cfg, {"learning_rate": 1e-3})
     assert marker_path("d", ["b", "a"]) == marker_path("d", ["a", "b"]) != marker_path("d")
 
 

@@ -137,14 +137,10 @@ def check_split(manifest: Manifest, train_ids: set[str]) -> None:
 
 
 def resolve_beta(cfg: ICMILConfig, head_name: str) -> float:
-    """β of the TMI confidence weights for this head (``coupling.beta``)."""
-    beta = cfg.coupling.beta.get(head_name)
-    if beta is None:
-        raise ConfigError(
-            f"coupling.confidence is on but coupling.beta has no entry for head {head_name!r} "
-            f"(has {sorted(cfg.coupling.beta)}); add e.g. --set coupling.beta.{head_name}=6"
-        )
-    return float(beta)
+    """β of the TMI confidence weights for this head: ``coupling.beta.<head>``, else the head's own default."""
+    from icmil.mil.settings import confidence_beta
+
+    return confidence_beta(head_name, cfg.coupling.beta)
 
 
 def _amp_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:

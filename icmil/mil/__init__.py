@@ -32,7 +32,8 @@ from icmil.mil.metrics import (
 )
 from icmil.mil.optim import Lookahead, build_optimizer
 from icmil.mil.plots import plot_heatmap, plot_roc
-from icmil.mil.train import TrainResult, head_from_config, train_mil_head
+from icmil.mil.settings import check_head_settings, confidence_beta, head_from_config, head_settings
+from icmil.mil.train import TrainResult, train_mil_head
 
 __all__ = [
     "Bag",
@@ -43,10 +44,13 @@ __all__ = [
     "TrainResult",
     "bootstrap_auc_ci",
     "build_optimizer",
+    "check_head_settings",
     "classification_metrics",
+    "confidence_beta",
     "create_mil_head",
     "evaluate_mil_head",
     "head_from_config",
+    "head_settings",
     "list_mil_heads",
     "load_mil_head",
     "mil_head_class",

@@ -8,7 +8,12 @@ Every head exposes two faces:
   ``instance_logits`` and ``attention_scores`` (raw, pre-softmax per-instance scores for the TMI
   confidence weights).
 
-Heads register themselves by name, timm-style, so tests and the CLI can iterate over every head.
+Heads register themselves by name, timm-style, so tests and the CLI can iterate over every head. A head owns its
+hyper-parameters: its constructor's keyword arguments (with their types and defaults) ARE its settings
+(:meth:`MILHead.settings_model` turns them into a validated model; unknown keys are an error naming the head and
+what it accepts), and class attributes give its optimiser defaults (``default_lr``, ``default_weight_decay``,
+:meth:`MILHead.make_optimizer`) and its confidence exponent for stage 2 (``confidence_beta``). Adding a head is
+one file in ``icmil/mil/heads/`` (and its test): see :mod:`icmil.mil.settings` for how a config reaches it.
 
 Example:
     >>> import torch
@@ -22,11 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,12 +61,20 @@ class MILHead(nn.Module, ABC):
 
     Subclasses set ``name`` (the registry key) and ``permutation_invariant`` (whether reordering the
     instances of a bag leaves the eval-mode output unchanged), build their layers in ``__init__`` from
-    keyword arguments only, and record those arguments in ``self.hparams`` so :func:`icmil.mil.save_mil_head`
-    can rebuild them.
+    keyword arguments with defaults (their settings: typed, so the config can be checked before training),
+    and record those arguments in ``self.hparams`` so :func:`icmil.mil.save_mil_head` can rebuild them.
+
+    The class attributes below are the head's defaults where the config leaves them open (``mil.lr`` /
+    ``mil.weight_decay`` null, no ``coupling.beta.<head>``); override them on the subclass.
     """
 
     name: ClassVar[str] = ""
     permutation_invariant: ClassVar[bool] = True
+    default_lr: ClassVar[float] = 2e-4
+    default_weight_decay: ClassVar[float] = 1e-4
+    # β of the confidence weights |2a-1|^β that stage 2's TMI variant puts on each patch (coupling.confidence).
+    confidence_beta: ClassVar[float] = 6.0
+    _settings_model: ClassVar[type[pydantic.BaseModel] | None] = None
 
     def __init__(self, in_dim: int, n_classes: int, **hparams: Any) -> None:
         super().__init__()
@@ -106,6 +122,52 @@ class MILHead(nn.Module, ABC):
         """Raw (pre-softmax) per-instance scores ``(N,)`` for the confidence variant, or None."""
         return None
 
+    @classmethod
+    def make_optimizer(
+        cls, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
+        """The optimiser this head trains with (Adam; heads whose paper used another override this)."""
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    @classmethod
+    def settings_model(cls) -> type[pydantic.BaseModel]:
+        """The head's settings as a pydantic model (unknown keys forbidden), read from ``__init__``'s keyword
+        arguments: their annotations are the types, their defaults the defaults.
+
+        >>> sorted(mil_head_class("abmil").settings_model().model_fields)
+        ['attention_dim', 'dropout', 'hidden_dim']
+        """
+        if cls.__dict__.get("_settings_model") is None:
+            cls._settings_model = _settings_from_signature(cls)
+        model = cls.__dict__["_settings_model"]
+        assert model is not None
+        return model  # type: ignore[no-any-return]
+
+    @classmethod
+    def validate_settings(cls, values: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+        """``values`` checked against :meth:`settings_model` and completed with the defaults; a
+        :class:`ConfigError` names ``where`` (default: the head), each bad key, and what the head accepts.
+
+        >>> mil_head_class("dtfd").validate_settings({"pseudo_bags": 3})["pseudo_bags"]
+        3
+        """
+        model = cls.settings_model()
+        where = where or f"MIL head {cls.name!r}"
+        accepted = sorted(model.model_fields)
+        unknown = sorted(set(values) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown setting(s) {unknown}; {cls.name or cls.__name__} accepts "
+                f"{', '.join(accepted) or 'none'}"
+            )
+        try:
+            return model.model_validate(dict(values)).model_dump()
+        except pydantic.ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)
+            )
+            raise ConfigError(f"{where}: {problems}") from None
+
     def bag_loss(self, out: BagOutput, label: torch.Tensor) -> torch.Tensor:
         """Training loss of one bag (cross-entropy on the slide logits; heads may add auxiliary terms).
 
@@ -131,6 +193,26 @@ class MILHead(nn.Module, ABC):
             raise ValueError(f"{who}: empty bag (0 instances); a slide needs at least one patch")
 
 
+def _settings_from_signature(cls: type[MILHead]) -> type[pydantic.BaseModel]:
+    params = [
+        p
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if p.name not in ("in_dim", "n_classes") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+    if positional:
+        raise ConfigError(f"MIL head {cls.__name__}: settings must be keyword arguments, not {positional}")
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation naming something only a type checker sees: no type check for the rest
+        hints = {}
+    fields: dict[str, Any] = {
+        p.name: (hints.get(p.name, Any), ... if p.default is p.empty else p.default) for p in params
+    }
+    config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    return pydantic.create_model(f"{cls.__name__}Settings", __config__=config, **fields)
+
+
 H = TypeVar("H", bound=type[MILHead])
 _REGISTRY: dict[str, type[MILHead]] = {}
 
@@ -146,6 +228,7 @@ def register_mil_head(name: str) -> Callable[[H], H]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ConfigError(f"MIL head {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name
+        cls.settings_model()  # a constructor that cannot declare settings fails here, at import
         _REGISTRY[name] = cls
         return cls
 
@@ -165,13 +248,11 @@ def mil_head_class(name: str) -> type[MILHead]:
 
 
 def create_mil_head(name: str, in_dim: int, n_classes: int, **kw: Any) -> MILHead:
-    """Build a registered head. ``kw`` are the head's own hyper-parameters (see each head's docstring).
+    """Build a registered head. ``kw`` are the head's own settings (checked: unknown keys and values of the
+    wrong type are a :class:`ConfigError` saying what the head accepts).
 
     >>> create_mil_head("maxpool", 8, 3, hidden_dim=4).n_classes
     3
     """
     cls = mil_head_class(name)
-    try:
-        return cls(in_dim=in_dim, n_classes=n_classes, **kw)
-    except TypeError as err:
-        raise ConfigError(f"MIL head {name!r}: bad arguments {sorted(kw)}: {err}") from None
+    return cls(in_dim=in_dim, n_classes=n_classes, **cls.validate_settings(kw))

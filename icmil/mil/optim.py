@@ -1,8 +1,9 @@
-"""Per-head optimiser defaults (METHOD.md) and Lookahead (Zhang et al., NeurIPS 2019).
+"""The bag head's optimiser, and Lookahead (Zhang et al., NeurIPS 2019).
 
-Adam (lr 2e-4 AB-MIL, 1e-4 max-pooling and DTFD, ``cfg.weight_decay`` = 1e-4) for the other heads;
-Lookahead(RAdam) lr 2e-4, ``cfg.transmil_weight_decay`` = 1e-5 for TransMIL, as in its paper. ``cfg.lr``
-(None = these defaults) overrides the learning rate of every head.
+Each head owns its optimiser and its defaults (:class:`~icmil.mil.base.MILHead`: ``make_optimizer``,
+``default_lr``, ``default_weight_decay``): Adam with lr 2e-4 (AB-MIL) or 1e-4 (max-pooling, DTFD) and weight
+decay 1e-4; Lookahead(RAdam) with lr 2e-4 and weight decay 1e-5 for TransMIL, as in its paper. ``cfg.lr`` /
+``cfg.weight_decay`` (None = the head's defaults) override them for any head.
 
 Example:
     >>> import torch
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 
 from icmil.config import MILConfig
-
-DEFAULT_LR = {"abmil": 2e-4, "maxpool": 1e-4, "dtfd": 1e-4, "transmil": 2e-4}
+from icmil.mil.base import mil_head_class
+from icmil.mil.settings import optimizer_settings
 
 
 class Lookahead(torch.optim.Optimizer):
@@ -73,8 +74,6 @@ class Lookahead(torch.optim.Optimizer):
 
 
 def build_optimizer(head: str, params: Iterable[torch.nn.Parameter], cfg: MILConfig) -> torch.optim.Optimizer:
-    """The METHOD.md optimiser of ``head`` (unknown heads get Adam with ``cfg.lr or 2e-4``)."""
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(head, 2e-4)
-    if head == "transmil":
-        return Lookahead(torch.optim.RAdam(params, lr=lr, weight_decay=cfg.transmil_weight_decay))
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    """The optimiser of the registered head ``head``, with ``cfg.lr`` / ``cfg.weight_decay`` or its defaults."""
+    lr, weight_decay = optimizer_settings(cfg, head)
+    return mil_head_class(head).make_optimizer(params, lr=lr, weight_decay=weight_decay)

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from icmil.errors import FeatureStoreError, ManifestError, check_failure_fractio
 from icmil.io import text_digest, write_json_atomic, write_text_atomic
 from icmil.log import get_logger, progress
 from icmil.manifest import Manifest
-from icmil.mil.base import MILHead, create_mil_head, mil_head_class
+from icmil.mil.base import MILHead
 from icmil.mil.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_mil_head, save_mil_head
 from icmil.mil.data import BagStore
 from icmil.mil.evaluate import Predictions, as_manifest, predict_slides, predictions_frame
@@ -50,6 +49,7 @@ from icmil.mil.metrics import (
 from icmil.mil.optim import build_optimizer
 from icmil.mil.plots import plot_heatmap, plot_roc
 from icmil.mil.resume import TrainingState, load_training_state, save_training_state
+from icmil.mil.settings import head_from_config
 
 log = get_logger("mil.train")
 HISTORY_COLUMNS = [
@@ -93,24 +93,6 @@ class TrainResult:
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"
-
-
-def head_from_config(cfg: MILConfig, in_dim: int, n_classes: int) -> MILHead:
-    """Build ``cfg.head`` from the MILConfig fields its constructor accepts (user heads take what they declare)."""
-    candidates: dict[str, Any] = {
-        "hidden_dim": cfg.hidden_dim,
-        "attention_dim": cfg.attention_dim,
-        "dropout": cfg.dropout,
-        "pseudo_bags": cfg.dtfd_pseudo_bags,
-        "distill": cfg.dtfd_distill,
-        "tier_blend": cfg.dtfd_tier_blend,
-        "teacher": cfg.transmil_teacher,
-        "n_heads": cfg.transmil_heads,
-        "landmarks": cfg.transmil_landmarks,
-    }
-    accepted = inspect.signature(mil_head_class(cfg.head).__init__).parameters
-    candidates = {k: v for k, v in candidates.items() if k in accepted}
-    return create_mil_head(cfg.head, in_dim, n_classes, **candidates)
 
 
 # Below this many feature values per bag (N x D) a bag's matrix products take microseconds, and torch's

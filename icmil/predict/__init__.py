@@ -1,7 +1,7 @@
 """Prediction outputs of ``icmil predict``: which slides (inputs), how a class is decided (decision), and the
 files written per slide (QuPath GeoJSON, ``prediction.json``, ``run_metadata.json``).
 
-The model itself (loading a registered bundle, embedding, scoring) is ``icmil.tracking.slide_classifier``.
+The model itself (loading a registered bundle, embedding, scoring) is ``icmil.registry.slide_classifier``.
 
 Example:
     >>> from icmil.predict import expand_slide_inputs

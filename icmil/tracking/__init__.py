@@ -1,6 +1,13 @@
-"""MLflow tracking: run hierarchy, slide-classifier model, registry aliases and the promotion gate.
+"""Tracking: the stage-logging interface every stage logs through, and its MLflow implementation.
 
-Importing this package is cheap; the model module (MLflow pyfunc, torch) loads on first use of its names.
+* :mod:`~icmil.tracking.base` — :class:`StageTracker` / :class:`StageRun` (what a stage may log) and
+  :class:`NullTracker`.
+* :mod:`~icmil.tracking.mlflow_tracker` — :class:`MlflowTracker`: one parent run per pipeline run, a child run
+  per round and stage, outage spooling; ``start_parent_run`` / ``end_parent_run`` / ``tracker_for``.
+* :mod:`~icmil.tracking.uris` and :mod:`~icmil.tracking.retry` — where the stores are, and the retry budget.
+
+The registered model, its versions and the promotion gate are :mod:`icmil.registry`, which builds on this
+package. Importing this package is cheap (MLflow loads on first use).
 
 Example:
     >>> from icmil.tracking import NullTracker, redact_uri
@@ -11,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
 from icmil.tracking.base import NullTracker, StageRun, StageTracker
 from icmil.tracking.mlflow_tracker import (
@@ -20,58 +28,33 @@ from icmil.tracking.mlflow_tracker import (
     start_parent_run,
     tracker_for,
 )
-from icmil.tracking.registry import (
-    PromotionResult,
-    evaluation_digest,
-    promote,
-    register_challenger,
-)
 from icmil.tracking.retry import RetryPolicy
 from icmil.tracking.uris import redact_uri, resolve_registry_uri, resolve_tracking_uri
 
-if TYPE_CHECKING:
-    from icmil.tracking.slide_classifier import (
-        SlideClassifier,
-        log_slide_classifier,
-        open_slide_classifier,
-        predict_slides,
-        save_slide_classifier,
-    )
-
-_LAZY = {
-    "SlideClassifier": "icmil.tracking.slide_classifier",
-    "log_slide_classifier": "icmil.tracking.slide_classifier",
-    "open_slide_classifier": "icmil.tracking.slide_classifier",
-    "predict_slides": "icmil.tracking.slide_classifier",
-    "save_slide_classifier": "icmil.tracking.slide_classifier",
-}
-
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    # The registry's names used to live here: still reachable (with a DeprecationWarning) so existing scripts run.
+    registry = importlib.import_module("icmil.registry")
+    if name in registry.__all__:
+        warnings.warn(
+            f"icmil.tracking.{name} moved to icmil.registry.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(registry, name)
     raise AttributeError(f"module 'icmil.tracking' has no attribute {name!r}")
 
 
 __all__ = [
     "MlflowTracker",
     "NullTracker",
-    "PromotionResult",
     "RetryPolicy",
-    "SlideClassifier",
     "StageRun",
     "StageTracker",
     "end_parent_run",
-    "evaluation_digest",
-    "log_slide_classifier",
-    "open_slide_classifier",
-    "predict_slides",
-    "promote",
     "redact_uri",
-    "register_challenger",
     "resolve_registry_uri",
     "resolve_tracking_uri",
-    "save_slide_classifier",
     "start_parent_run",
     "tracker_for",
 ]

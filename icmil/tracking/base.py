@@ -7,6 +7,8 @@ Example:
     >>> tracker = NullTracker()
     >>> with tracker.stage("train", round_index=0) as run:
     ...     run.log_metrics({"val_auc": 0.9}, step=1)
+    >>> tracker.nested("a-tune-run-id") is tracker
+    True
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class StageTracker(Protocol):
         """The parent run itself, for pipeline-level records (per-round test metrics, the summary table)."""
         ...
 
+    def nested(self, run_id: str) -> StageTracker:
+        """A tracker whose stages are child runs of ``run_id`` (a run of this tracker, e.g. a round's ``tune``
+        run whose trials nest under it); trackers that keep no runs return themselves."""
+        ...
+
 
 class _NullRun:
     run_id = ""
@@ -71,3 +78,6 @@ class NullTracker:
     @contextlib.contextmanager
     def parent(self) -> Iterator[StageRun]:
         yield _NullRun()
+
+    def nested(self, run_id: str) -> StageTracker:
+        return self

@@ -390,6 +390,17 @@ class MlflowTracker:
         if run._errors:
             raise TrackingError(f"parent run {self.parent_run_id}: MLflow rejected {'; '.join(run._errors)}")
 
+    def nested(self, run_id: str) -> MlflowTracker:
+        """The same tracker (store, retry budget, spool, tags) with ``run_id`` as the parent of its stages."""
+        return MlflowTracker(
+            self.tracking_uri,
+            self.experiment,
+            run_id,
+            retry=self.retry,
+            spool_dir=self.spool_dir,
+            tags=self.tags,
+        )
+
     # child runs ----------------------------------------------------------------------------
     @property
     def experiment_id(self) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icmil.nested import join, leaves
 from icmil.redact import REDACTED, is_secret_key, redact_data, redact_text, redact_uri
 
 if TYPE_CHECKING:
@@ -33,11 +34,8 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     Values under secret-looking keys become ``***``; URIs lose their credentials; lists are JSON.
     """
     out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_params(value, prefix=f"{name}."))
-            continue
+    for path, value in leaves(data, keep_empty=True):
+        name, key = prefix + join(path), path[-1]
         if is_secret_key(key) and value not in (None, ""):
             text = REDACTED
         elif isinstance(value, str):
@@ -84,11 +82,6 @@ def default_artifact_location(tracking_uri: str) -> str | None:
         db_path = Path(tracking_uri[len("sqlite:///") :])
         return (db_path.parent / "mlartifacts").resolve().as_uri()
     return None
-
-
-def is_local_store(uri: str) -> bool:
-    """True for stores this process opens itself (sqlite/file), False for a server or remote database."""
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
 # --------------------------------------------------------------------------- read-only access

@@ -1,9 +1,11 @@
 """Search spaces from the config, and how tuned values flow back into a config.
 
-Keys of ``tuning.mil_space`` are :class:`~icmil.config.MILConfig` field names, so a tuned value overrides exactly
-the field of the same name in the round's training step (:func:`apply_params`). Keys of
-``tuning.coupling_space`` are stage-2 settings: ``lr``, ``weight_decay``, ``max_steps`` (CouplingConfig fields)
-and ``beta`` (the confidence exponent of the configured head, ``coupling.beta[mil.head]``).
+Keys of ``tuning.mil_space`` are :class:`~icmil.config.MILConfig` field names (``lr``, ``dropout``, ...) or a
+head's own setting as ``heads.<head>.<setting>`` (e.g. ``heads.dtfd.pseudo_bags``), so a tuned value overrides
+exactly that setting in the round's training step (:func:`apply_params`); the flat names of older configs
+(``dtfd_pseudo_bags``) are still read. Keys of ``tuning.coupling_space`` are stage-2 settings: ``lr``,
+``weight_decay``, ``max_steps`` (CouplingConfig fields) and ``beta`` (the confidence exponent of the configured
+head, ``coupling.beta[mil.head]``).
 
 Example:
     >>> from icmil.config import ICMILConfig
@@ -19,26 +21,57 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from icmil.config import CouplingConfig, ICMILConfig, MILConfig, SearchSpace
+from icmil.config import (
+    COUPLING_KEYS,
+    LEGACY_HEAD_KEYS,
+    NOT_TUNABLE_MIL_KEYS,
+    MILConfig,
+    SearchSpace,
+    apply_params,
+)
 from icmil.errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna
 
-COUPLING_KEYS = ("lr", "weight_decay", "max_steps", "beta")
+# apply_params lives with the config (stage functions apply tuned values too); it is part of this module's API.
+__all__ = ["COUPLING_KEYS", "apply_params", "suggest", "validate_space"]
+
+
+def _mil_key(name: str) -> str | None:
+    """Why ``name`` is not a tunable mil setting, or None when it is."""
+    if name.startswith("heads."):
+        parts = name.split(".")
+        if len(parts) != 3 or not all(parts):
+            return "a head's setting is written heads.<head>.<setting>"
+        from icmil.mil import list_mil_heads, mil_head_class
+
+        head, setting = parts[1], parts[2]
+        if head not in list_mil_heads():
+            return f"no MIL head {head!r} (registered: {', '.join(list_mil_heads())})"
+        accepted = sorted(mil_head_class(head).settings_model().model_fields)
+        return (
+            None
+            if setting in accepted
+            else f"{head} has no setting {setting!r} (it has {', '.join(accepted)})"
+        )
+    if name in LEGACY_HEAD_KEYS or (name in MILConfig.model_fields and name not in NOT_TUNABLE_MIL_KEYS):
+        return None
+    allowed = sorted(set(MILConfig.model_fields) - set(NOT_TUNABLE_MIL_KEYS))
+    return f"not a tunable mil setting (choose from {', '.join(allowed)}, or heads.<head>.<setting>)"
 
 
 def validate_space(space: Mapping[str, SearchSpace], target: str) -> None:
     """Raise :class:`ConfigError` naming the key when a search space cannot be sampled or applied."""
-    allowed = set(MILConfig.model_fields) if target == "mil" else set(COUPLING_KEYS)
     field = f"tuning.{target}_space"
     if not space:
         raise ConfigError(f"{field} is empty: give at least one parameter to search")
     for name, spec in space.items():
-        if name not in allowed:
-            raise ConfigError(
-                f"{field}.{name}: not a tunable {target} setting (choose from {', '.join(sorted(allowed))})"
-            )
+        why = _mil_key(name) if target == "mil" else None
+        if target != "mil" and name not in COUPLING_KEYS:
+            why = f"not a tunable {target} setting (choose from {', '.join(sorted(COUPLING_KEYS))})"
+        if why:
+            raise ConfigError(f"{field}.{name}: {why}")
         if not spec.low < spec.high:
             raise ConfigError(f"{field}.{name}: low ({spec.low}) must be below high ({spec.high})")
         if spec.log and spec.low <= 0:
@@ -57,37 +90,3 @@ def suggest(trial: optuna.Trial, space: Mapping[str, SearchSpace]) -> dict[str, 
         else:
             params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
     return params
-
-
-def apply_params(cfg: ICMILConfig, params: Mapping[str, Any], target: str = "mil") -> ICMILConfig:
-    """A copy of ``cfg`` with tuned ``params`` written into ``cfg.mil`` (or the stage-2 settings), validated.
-
-    This is how ``best_params.json`` reaches the round's training step: ``train_stage(..., params=...)`` calls
-    it. Unknown keys and out-of-range values raise :class:`ConfigError` naming the key.
-    """
-    if target == "mil":
-        unknown = set(params) - set(MILConfig.model_fields)
-        if unknown:
-            raise ConfigError(f"tuned parameters {sorted(unknown)} are not MILConfig fields")
-        data = cfg.mil.model_dump() | dict(params)
-        try:
-            mil = MILConfig.model_validate(data)
-        except Exception as err:
-            raise ConfigError(f"tuned parameters {dict(params)} do not fit MILConfig: {err}") from None
-        return cfg.model_copy(update={"mil": mil})
-    if target == "coupling":
-        unknown = set(params) - set(COUPLING_KEYS)
-        if unknown:
-            raise ConfigError(f"tuned parameters {sorted(unknown)} are not stage-2 settings {COUPLING_KEYS}")
-        data = cfg.coupling.model_dump()
-        for key, value in params.items():
-            if key == "beta":
-                data["beta"] = {**data["beta"], cfg.mil.head: float(value)}
-            else:
-                data[key] = value
-        try:
-            coupling = CouplingConfig.model_validate(data)
-        except Exception as err:
-            raise ConfigError(f"tuned parameters {dict(params)} do not fit CouplingConfig: {err}") from None
-        return cfg.model_copy(update={"coupling": coupling})
-    raise ConfigError(f"unknown tuning target {target!r} (mil or coupling)")

@@ -94,21 +94,11 @@ def _others_running(study: optuna.Study) -> bool:
 
 
 def _trial_tracker(tracker: StageTracker | None, tune_run_id: str | None) -> tuple[StageTracker, bool]:
-    """(tracker for trial runs, nested?): trials nest under the round's tune run when MLflow tracks."""
+    """(tracker for trial runs, nested?): trials nest under the round's tune run when it was tracked."""
     if tracker is None:
         return NullTracker(), False
-    from icmil.tracking.mlflow_tracker import MlflowTracker
-
-    if isinstance(tracker, MlflowTracker) and tune_run_id:
-        nested = MlflowTracker(
-            tracker.tracking_uri,
-            tracker.experiment,
-            tune_run_id,
-            retry=tracker.retry,
-            spool_dir=tracker.spool_dir,
-            tags=tracker.tags,
-        )
-        return nested, True
+    if tune_run_id:
+        return tracker.nested(tune_run_id), True
     return tracker, False
 
 

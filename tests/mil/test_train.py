@@ -26,7 +26,7 @@ from icmil.mil import (
 )
 from tests.mil.synth import make_cohort
 
-SMALL = {"hidden_dim": 32, "attention_dim": 16, "transmil_heads": 4, "transmil_landmarks": 16}
+SMALL = {"hidden_dim": 32, "attention_dim": 16, "heads": {"transmil": {"n_heads": 4, "landmarks": 16}}}
 # The attention heads reach val AUC 1.0 by epoch 2 on this data; TransMIL needs ~6 epochs.
 EPOCHS = {"transmil": 8}
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components import _runtime as rt
 from icmil.cohort import Shard, merge_shard_dirs, prepare_cohort, shard_manifest, slide_fingerprint
-from icmil.config import config_to_yaml, load_config
+from icmil.config import load_config
 from icmil.errors import ManifestError
 from icmil.manifest import read_manifest
+from icmil.registry.release import split_metrics
+from icmil_kfp.components import _runtime as rt
 
 
 def _manifest(tmp_path: Path, n: int = 7) -> Path:
@@ -121,13 +122,12 @@ def test_merge_shard_dirs_copies_or_links_and_refuses_duplicates(tmp_path: Path)
 
 def test_runtime_helpers() -> None:
     cfg = load_config(None, ["mil.head=maxpool"])
-    assert rt.stage_config(config_to_yaml(cfg)) == cfg
     assert type(rt.stage_tracker(cfg, "")).__name__ == "NullTracker"
     history = rt.append_round("[]", 1, {"val_auc": 0.9, "note": "x", "seconds": 2})
     history = rt.append_round(history, 0, {"val_auc": 0.7})
     history = rt.append_round(history, 1, {"val_auc": 0.95})  # a rerun of a round replaces its row
     assert json.loads(history) == [{"round": 0, "val_auc": 0.7}, {"round": 1, "val_auc": 0.95}]
-    assert rt._split_metrics(
+    assert split_metrics(
         {"test_auc": 0.8, "val_f1": 0.5, "test_n": 3, "patch_auc_test": 0.6, "val_x": float("nan")}
     ) == {
         "test": {"auc": 0.8, "n": 3.0},

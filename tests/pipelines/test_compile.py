@@ -13,8 +13,8 @@ import yaml
 
 from icmil.config import ICMILConfig, config_from_yaml, load_config
 from icmil.errors import ConfigError
-from pipelines.icmil_pipeline import stage_config
-from pipelines.runner import compile_pipeline
+from icmil_kfp.pipelines.icmil_pipeline import stage_config
+from icmil_kfp.pipelines.runner import compile_pipeline
 from tests.pipelines import kfp_yaml
 
 GOLDEN = Path(__file__).parent / "golden" / "icmil_rounds1.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from icmil.config import load_config
-from pipelines.runner import RunSummary, format_summary, run_local
+from icmil_kfp.pipelines.runner import RunSummary, format_summary, run_local
 
 # Small enough for CI on 2 cores; every stage and both round kinds still run for real.
 TINY = [
@@ -121,8 +121,8 @@ def test_exit_handler_bookkeeping_marks_a_failed_run_failed(local_run: RunSummar
     """What close-run does when KFP reports a failure (reusing this run's MLflow database: creating one is slow)."""
     from mlflow import MlflowClient
 
-    from components import _runtime as rt
     from icmil.tracking import start_parent_run
+    from icmil_kfp.components import _runtime as rt
 
     db = f"sqlite:///{local_run.run_dir / 'mlflow.db'}"
     cfg = load_config(None, [f"run_dir={local_run.run_dir}", f"tracking.tracking_uri={db}"])

@@ -10,7 +10,7 @@ from kfp import dsl
 
 from icmil.config import load_config
 from icmil.errors import ICMILError
-from pipelines import runner
+from icmil_kfp.pipelines import runner
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
@@ -25,7 +25,7 @@ def test_a_failing_task_fails_run_local_with_the_task_and_the_log(
     def broken():
         explode(message="bad slide store")
 
-    monkeypatch.setattr("pipelines.icmil_pipeline.build_pipeline", lambda cfg, cluster=True: broken)
+    monkeypatch.setattr("icmil_kfp.pipelines.icmil_pipeline.build_pipeline", lambda cfg, cluster=True: broken)
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     with pytest.raises(
         ICMILError, match=r"local pipeline run failed: .*Inner task failed: 'explode'.*pipeline\.log"

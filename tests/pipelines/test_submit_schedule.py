@@ -9,7 +9,7 @@ import yaml
 
 from icmil.config import load_config
 from icmil.errors import ConfigError, ICMILError
-from pipelines.runner import schedule, submit, validate_cron
+from icmil_kfp.pipelines.runner import schedule, submit, validate_cron
 from tests.pipelines.fake_kfp import fake_kfp_server
 
 CFG = ["coupling.rounds=1", "pipeline.pipeline_name=icmil-test"]

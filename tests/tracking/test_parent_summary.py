@@ -13,7 +13,6 @@ from icmil.run_summary import (
     log_run_summary,
     parent_run_metrics,
     per_round_metrics,
-    read_run_summary,
     write_run_summary,
 )
 from icmil.tracking import NullTracker, start_parent_run, tracker_for
@@ -47,7 +46,8 @@ def test_parent_run_carries_the_summary(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path / "run")
     parent = start_parent_run(cfg, run_name="pipeline")
     path = write_run_summary(tmp_path / "summary", ROUNDS, registration=REGISTRATION)
-    log_run_summary(tracker_for(cfg, parent), read_run_summary(path), [path, path.with_name("summary.csv")])
+    summary = {"rounds": ROUNDS, "registration": REGISTRATION}
+    log_run_summary(tracker_for(cfg, parent), summary, [path, path.with_name("summary.csv")])
     client = MlflowClient(resolve_tracking_uri(cfg))
     run = client.get_run(parent)
     assert run.data.metrics["round_test_auc"] == 0.75  # the table shows the last round

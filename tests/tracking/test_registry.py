@@ -12,20 +12,17 @@ import pytest
 from mlflow import MlflowClient
 
 from icmil.errors import PromotionRejected, TrackingError
-from icmil.tracking import (
+from icmil.registry import (
+    CHALLENGER,
+    CHAMPION,
+    evaluation_digest,
     log_slide_classifier,
     predict_slides,
     promote,
     register_challenger,
-    start_parent_run,
 )
-from icmil.tracking.registry import (
-    CHALLENGER,
-    CHAMPION,
-    TAG_PROMOTION,
-    TAG_PROMOTION_REASON,
-    evaluation_digest,
-)
+from icmil.registry.versions import TAG_PROMOTION, TAG_PROMOTION_REASON
+from icmil.tracking import start_parent_run
 from icmil.tracking.retry import RetryPolicy
 from icmil.tracking.uris import resolve_tracking_uri
 from tests.tracking.helpers import CLASSES, fresh_sqlite, make_cfg

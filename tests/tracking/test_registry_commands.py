@@ -147,7 +147,7 @@ def test_read_only_commands_never_create_a_registry(
 def test_dry_run_says_would_promote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
 
-    from icmil.tracking.registry import metric_tag
+    from icmil.registry.versions import metric_tag
 
     uri = fresh_sqlite(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)

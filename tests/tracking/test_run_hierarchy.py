@@ -106,6 +106,28 @@ def test_parent_and_child_runs_on_sqlite(tmp_path: Path) -> None:
     assert len(children) == 2
 
 
+def test_nested_runs_through_the_tracker_interface(tmp_path: Path) -> None:
+    # How tuning trials nest under the round's tune run: tracker.nested(run_id), for every tracker alike.
+    from icmil.tuning.worker import _trial_tracker
+
+    assert NullTracker().nested("abc") is not None
+    null, nested = _trial_tracker(NullTracker(), "abc")
+    assert isinstance(null, NullTracker) and nested
+    cfg = make_cfg(tmp_path / "run")
+    parent = start_parent_run(cfg, run_name="pipeline")
+    tracker = tracker_for(cfg, parent)
+    with tracker.stage("tune", round_index=0) as tune:
+        trials, nested = _trial_tracker(tracker, tune.run_id)
+        assert nested and trials is not tracker
+        with trials.stage("trial0") as trial:
+            trial.log_metrics({"trial_val_auc": 0.7})
+    assert _trial_tracker(tracker, None) == (tracker, False)
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    run = client.get_run(trial.run_id)
+    assert run.info.run_name == "trial0" and run.data.tags[TAG_PARENT] == tune.run_id
+    assert client.get_run(tune.run_id).data.tags[TAG_PARENT] == parent
+
+
 def test_failed_stage_is_marked_failed(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path / "run")
     parent = start_parent_run(cfg)

@@ -10,17 +10,14 @@ import pytest
 from mlflow import MlflowClient
 
 from icmil.errors import PromotionRejected
-from icmil.tracking import (
-    RetryPolicy,
-    end_parent_run,
+from icmil.registry import (
+    CHAMPION,
     log_slide_classifier,
     predict_slides,
     promote,
     register_challenger,
-    start_parent_run,
-    tracker_for,
 )
-from icmil.tracking.registry import CHAMPION
+from icmil.tracking import RetryPolicy, end_parent_run, start_parent_run, tracker_for
 from tests.tracking.helpers import CLASSES, fresh_sqlite, make_cfg
 
 pytestmark = pytest.mark.servers
@@ -143,7 +140,7 @@ def test_promotion_from_a_local_registry_into_the_server(  # type: ignore[no-unt
     assert result.promoted
     mv = MlflowClient(mlflow_server.url).get_model_version_by_alias("laptop-model", CHAMPION)
     assert mv.source.startswith("mlflow-artifacts:/") and mv.tags["icmil.metric.test.auc"] == "0.75"
-    from icmil.tracking.slide_classifier import open_slide_classifier
+    from icmil.registry.slide_classifier import open_slide_classifier
 
     with open_slide_classifier("models:/laptop-model@champion", tracking_uri=mlflow_server.url) as model:
         assert model.classes == CLASSES and model.ref["version"] == mv.version

@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 from icmil.cli import main
 from icmil.config import SynthConfig, TilingConfig
 from icmil.errors import ConfigError, StageFailed
-from icmil.tracking import log_slide_classifier, predict_slides, save_slide_classifier, start_parent_run
-from icmil.tracking.registry import register_challenger
-from icmil.tracking.slide_classifier import BUNDLE_IN_MODEL, as_slide_table, open_slide_classifier
+from icmil.registry import log_slide_classifier, predict_slides, register_challenger, save_slide_classifier
+from icmil.registry.slide_classifier import BUNDLE_IN_MODEL, as_slide_table, open_slide_classifier
+from icmil.tracking import start_parent_run
 from icmil.tracking.uris import resolve_tracking_uri
 from tests.tracking.helpers import CLASSES, make_cfg
 

@@ -58,7 +58,7 @@ def test_apply_params_overrides_only_the_named_fields():
     new = apply_params(cfg, {"lr": 3e-4, "dropout": 0.2, "attention_dim": 64})
     assert (new.mil.lr, new.mil.dropout, new.mil.attention_dim, new.mil.epochs) == (3e-4, 0.2, 64, 7)
     assert cfg.mil.lr is None  # the input config is untouched
-    with pytest.raises(ConfigError, match="not MILConfig fields"):
+    with pytest.raises(ConfigError, match="do not fit the mil section"):
         apply_params(cfg, {"lrr": 1.0})
     with pytest.raises(ConfigError, match="do not fit MILConfig"):
         apply_params(cfg, {"dropout": 1.5})
@@ -68,7 +68,13 @@ def test_apply_params_overrides_only_the_named_fields():
         3.0,
         120,
     )
-    assert coupled.coupling.beta["dtfd"] == cfg.coupling.beta["dtfd"]
+    assert coupled.coupling.beta == {"abmil": 3.0}  # other heads keep their own beta
+    # A head's own settings: heads.<head>.<setting>, or the flat names older configs used.
+    dtfd = apply_params(cfg, {"heads.dtfd.pseudo_bags": 3, "transmil_landmarks": 64, "dropout": 0.1})
+    assert dtfd.mil.heads == {"dtfd": {"pseudo_bags": 3}, "transmil": {"landmarks": 64}}
+    assert apply_params(dtfd, {"dtfd_pseudo_bags": 7}).mil.heads["dtfd"] == {"pseudo_bags": 7}  # tuned wins
+    with pytest.raises(ConfigError, match="do not fit the mil section"):
+        apply_params(cfg, {"heads.dtfd": 3})
 
 
 def test_load_best_params_errors_name_the_file(tmp_path):

@@ -1,8 +1,8 @@
-"""The registered MIL heads; importing this package registers all of them."""
+"""The registered MIL heads: importing this package imports every module in it, and each head registers itself
+(``@register_mil_head``), so a new head is one new file here."""
 
-from icmil.mil.heads.abmil import ABMIL
-from icmil.mil.heads.dtfd import DTFDMIL
-from icmil.mil.heads.maxpool import MaxPoolMIL
-from icmil.mil.heads.transmil import TransMIL
+import importlib
+import pkgutil
 
-__all__ = ["ABMIL", "DTFDMIL", "MaxPoolMIL", "TransMIL"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

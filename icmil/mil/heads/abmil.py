@@ -25,9 +25,12 @@ from icmil.mil.layers import DimRed, GatedAttention
 class ABMIL(MILHead):
     """``DimRed -> gated attention (hidden attention_dim) -> weighted mean -> Linear(H -> C)``.
 
-    Hyper-parameters: ``hidden_dim`` (512), ``attention_dim`` (128), ``dropout`` (0).
+    Hyper-parameters: ``hidden_dim`` (512), ``attention_dim`` (128), ``dropout`` (0). Adam, lr 2e-4; β 6.
     ``attention_scores`` are the raw gated-attention scores (before the softmax over the bag).
     """
+
+    default_lr = 2e-4
+    confidence_beta = 6.0
 
     def __init__(
         self,

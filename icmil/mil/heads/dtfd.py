@@ -39,7 +39,7 @@ TIER2_BLEND_WEIGHT = 0.7
 @register_mil_head("dtfd")
 class DTFDMIL(MILHead):
     """Hyper-parameters: ``hidden_dim`` (512), ``attention_dim`` (128), ``dropout`` (0), ``pseudo_bags`` (5),
-    ``distill`` (``afs`` | ``maxs`` | ``maxmins``), ``tier_blend`` (False).
+    ``distill`` (``afs`` | ``maxs`` | ``maxmins``), ``tier_blend`` (False). Adam, lr 1e-4; β 2.
 
     Instance teacher (METHOD.md): the tier-2 classifier applied to an instance's tier-1 DimRed feature;
     with ``tier_blend`` the logits are ``0.7 * tier2(h) + 0.3 * tier1(h)`` (TMI variant).
@@ -56,6 +56,9 @@ class DTFDMIL(MILHead):
     ``forward(...).extras["tier1_logits"]`` holds one row of logits per non-empty pseudo-bag.
     """
 
+    default_lr = 1e-4
+    confidence_beta = 2.0
+
     def __init__(
         self,
         in_dim: int,
@@ -69,10 +72,12 @@ class DTFDMIL(MILHead):
     ) -> None:
         if distill not in ("afs", "maxs", "maxmins"):
             raise ConfigError(
-                f"dtfd: distill must be afs, maxs or maxmins, got {distill!r} (mil.dtfd_distill)"
+                f"dtfd: distill must be afs, maxs or maxmins, got {distill!r} (mil.heads.dtfd.distill)"
             )
         if pseudo_bags < 1:
-            raise ConfigError(f"dtfd: pseudo_bags must be >= 1, got {pseudo_bags} (mil.dtfd_pseudo_bags)")
+            raise ConfigError(
+                f"dtfd: pseudo_bags must be >= 1, got {pseudo_bags} (mil.heads.dtfd.pseudo_bags)"
+            )
         super().__init__(
             in_dim,
             n_classes,

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -37,6 +38,7 @@ from icmil.errors import ConfigError
 from icmil.mil.base import BagOutput, MILHead, register_mil_head
 from icmil.mil.heads.nystrom import NystromAttention
 from icmil.mil.layers import DimRed
+from icmil.mil.optim import Lookahead
 
 Teacher = Literal["single_instance", "token_head"]
 
@@ -76,9 +78,20 @@ class TransMIL(MILHead):
     """Hyper-parameters: ``hidden_dim`` (512), ``n_heads`` (8; head width ``hidden_dim // n_heads`` = 64),
     ``landmarks`` (256), ``pinv_iterations`` (6), ``residual_kernel`` (33, Nyström value conv; 0 disables),
     ``dropout`` (0), ``teacher`` (``single_instance`` | ``token_head``). Not permutation-invariant (PPEG).
+    Lookahead(RAdam), lr 2e-4, weight decay 1e-5 (as in its paper); β 6.
     """
 
     permutation_invariant = False
+    default_lr = 2e-4
+    default_weight_decay = 1e-5
+    confidence_beta = 6.0
+
+    @classmethod
+    def make_optimizer(
+        cls, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
+        """Lookahead(RAdam), TransMIL's optimiser in its paper."""
+        return Lookahead(torch.optim.RAdam(params, lr=lr, weight_decay=weight_decay))
 
     def __init__(
         self,
@@ -96,7 +109,7 @@ class TransMIL(MILHead):
             raise ConfigError(f"transmil: hidden_dim {hidden_dim} must be a multiple of n_heads {n_heads}")
         if teacher not in ("single_instance", "token_head"):
             raise ConfigError(
-                f"transmil: teacher must be single_instance or token_head, got {teacher!r} (mil.transmil_teacher)"
+                f"transmil: teacher must be single_instance or token_head, got {teacher!r} (mil.heads.transmil.teacher)"
             )
         super().__init__(
             in_dim,

@@ -1,21 +1,15 @@
-"""Model registry: each pipeline run registers a ``challenger``; the promotion gate decides on ``champion``.
-
-Aliases only (stages are deprecated). A version carries its lineage and evaluation as tags:
-``icmil.parent_run_id``, ``icmil.metric.<split>.<metric>``, ``icmil.data_digest.<split>`` (which slides and
-labels the metrics were computed on) and ``icmil.eval_table.<split>`` (where that table is stored).
+"""The promotion gate: the ``champion`` alias moves to the ``challenger`` version only when it wins.
 
 The gate (:func:`promote`) compares challenger and champion on the configured metric over the SAME
-evaluation data. When the data digests differ the stored metrics are not comparable, and by default
-(``on_data_mismatch="reevaluate"``) both models are scored again on the challenger's evaluation table; if
-that table is missing or unreadable — or with ``on_data_mismatch="refuse"`` — the promotion is refused with
-the reason. The challenger must beat the champion by MORE than ``margin`` (a tie keeps the champion) and
-always reach ``floor``; with no champion yet, reaching the floor is enough. Either outcome is written as
-tags on the challenger version; a rejection leaves every alias as it was and raises
-:class:`~icmil.errors.PromotionRejected`.
+evaluation data (the version tags written by :func:`icmil.registry.versions.register_challenger`). When the data
+digests differ the stored metrics are not comparable, and by default (``on_data_mismatch="reevaluate"``) both
+models are scored again on the challenger's evaluation table; if that table is missing or unreadable — or with
+``on_data_mismatch="refuse"`` — the promotion is refused with the reason. The challenger must beat the champion by
+MORE than ``margin`` (a tie keeps the champion) and always reach ``floor``; with no champion yet, reaching the
+floor is enough. Either outcome is written as tags on the challenger version; a rejection leaves every alias as
+it was and raises :class:`~icmil.errors.PromotionRejected`.
 
 Example:
-    >>> version = register_challenger("runs:/abc/slide_classifier", "icmil", metrics={"test": {"auc": 0.9}},
-    ...                               eval_tables={"test": test_slides_df})          # doctest: +SKIP
     >>> promote("icmil", metric="auc", split="test", margin=0.01, floor=0.6)         # doctest: +SKIP
     PromotionResult(promoted=True, ...)
 """
@@ -23,11 +17,8 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
-import os
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +27,28 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from icmil.errors import PromotionRejected, TrackingError
-from icmil.io import text_digest
 from icmil.log import get_logger
+from icmil.registry.sources import (
+    absolute_source,
+    clients,
+    registry_of,
+    resolve_artifact_source,
+    tracking_of,
+)
+from icmil.registry.versions import (
+    CHALLENGER,
+    CHAMPION,
+    LOWER_IS_BETTER,
+    TAG_PROMOTED_FROM,
+    TAG_PROMOTION,
+    TAG_PROMOTION_REASON,
+    digest_tag,
+    ensure_registered_model,
+    metric_tag,
+    read_eval_table,
+    table_tag,
+    version_by_alias,
+)
 from icmil.tracking.retry import RetryPolicy
 from icmil.tracking.uris import redact_uri
 
@@ -45,44 +56,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-log = get_logger("tracking.registry")
-
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-TAG_PARENT_RUN = "icmil.parent_run_id"
-TAG_PROMOTION = "icmil.promotion"
-TAG_PROMOTION_REASON = "icmil.promotion.reason"
-TAG_PROMOTED_FROM = "icmil.promoted_from"
-# Metrics where smaller is better; every other metric (auc, accuracy, f1, ...) is "higher wins".
-LOWER_IS_BETTER = frozenset({"loss", "log_loss", "nll", "brier", "ece"})
-
-
-def metric_tag(split: str, metric: str) -> str:
-    return f"icmil.metric.{split}.{metric}"
-
-
-def digest_tag(split: str) -> str:
-    return f"icmil.data_digest.{split}"
-
-
-def table_tag(split: str) -> str:
-    return f"icmil.eval_table.{split}"
-
-
-def evaluation_digest(table: pd.DataFrame) -> str:
-    """Digest of an evaluation table: which slides with which labels (order and paths do not matter).
-
-    >>> evaluation_digest(pd.DataFrame({"slide_id": ["b", "a"], "label": ["t", "n"], "path": ["x", "y"]})) == \\
-    ...     evaluation_digest(pd.DataFrame({"slide_id": ["a", "b"], "label": ["n", "t"], "path": ["/p", "/q"]}))
-    True
-    """
-    missing = {"slide_id", "label"} - set(table.columns)
-    if missing:
-        raise TrackingError(
-            f"evaluation table lacks column(s) {sorted(missing)} (needs slide_id, path, label)"
-        )
-    rows = sorted(zip(table["slide_id"].astype(str), table["label"].astype(str), strict=True))
-    return text_digest(rows)
+log = get_logger("registry")
 
 
 @dataclass
@@ -119,184 +93,6 @@ class PromotionResult:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _clients(tracking_uri: str | None, registry_uri: str | None) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    # A registry-only call still needs a tracking store (run artifacts): the registry's own server/database
-    # rather than MLflow's fallback (./mlflow.db in the working directory).
-    tracking_uri = tracking_uri or registry_uri
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
-
-
-def _registry_of(client: MlflowClient) -> str:
-    return str(client._registry_uri)
-
-
-def _tracking_of(client: MlflowClient) -> str:
-    return str(client._tracking_client.tracking_uri)
-
-
-def _parse_runs_uri(uri: str) -> tuple[str, str]:
-    rest = uri[len("runs:/") :]
-    run_id, _, path = rest.partition("/")
-    return run_id, path.strip("/")
-
-
-def resolve_artifact_source(client: MlflowClient, model_uri: str) -> str:
-    """The storage location behind ``model_uri`` (``runs:/``, ``models:/m-<id>``, a local path or any URI)."""
-    if model_uri.startswith("runs:/"):
-        run_id, path = _parse_runs_uri(model_uri)
-        root = client.get_run(run_id).info.artifact_uri.rstrip("/")
-        return f"{root}/{path}" if path else root
-    if model_uri.startswith("models:/m-"):
-        return str(client.get_logged_model(model_uri[len("models:/") :].strip("/")).artifact_location)
-    if "://" not in model_uri and ":/" not in model_uri:
-        return Path(model_uri).resolve().as_uri()
-    return model_uri
-
-
-def absolute_source(source: str, tracking_uri: str) -> str:
-    """Make a server-relative ``mlflow-artifacts:/path`` usable from another registry.
-
-    ``mlflow-artifacts:`` URIs only resolve against the tracking server that issued them, so they are
-    rewritten to that server's plain HTTP artifact endpoint, which any registry can store and load from.
-
-    >>> absolute_source("mlflow-artifacts:/1/abc/artifacts/m", "http://mlflow.dev:5000")
-    'http://mlflow.dev:5000/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/m'
-    """
-    if source.startswith("mlflow-artifacts:"):
-        parts = urlsplit(source)
-        server = urlsplit(tracking_uri)
-        if server.scheme in ("http", "https"):
-            netloc = parts.netloc or server.netloc
-            path = parts.path.lstrip("/")
-            return f"{server.scheme}://{netloc}{server.path.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{path}"
-    return source
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-
-
-def _version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def _store_eval_table(
-    client: MlflowClient, run_id: str | None, split: str, table: str | os.PathLike[str] | pd.DataFrame
-) -> tuple[str, pd.DataFrame]:
-    """Log the evaluation table as an artifact of ``run_id`` (or keep its absolute path); return (uri, table)."""
-    df = pd.read_csv(table) if not isinstance(table, pd.DataFrame) else table
-    missing = {"slide_id", "path", "label"} - set(df.columns)
-    if missing:
-        raise TrackingError(f"evaluation table for split {split!r} lacks column(s) {sorted(missing)}")
-    df = df[["slide_id", "path", "label"]].copy()
-    # Relative paths would mean nothing to the process that re-evaluates from another directory.
-    df["path"] = [p if "://" in str(p) else str(Path(str(p)).resolve()) for p in df["path"]]
-    if run_id is None:
-        if isinstance(table, pd.DataFrame):
-            raise TrackingError("an evaluation DataFrame needs a run to be stored in (model_uri runs:/...)")
-        return str(Path(table).resolve()), df
-    with tempfile.TemporaryDirectory(prefix="icmil-eval-") as tmp:
-        path = Path(tmp) / f"{split}.csv"
-        df.to_csv(path, index=False)
-        client.log_artifact(run_id, str(path), "evaluation")
-    return f"runs:/{run_id}/evaluation/{split}.csv", df
-
-
-def _read_eval_table(client: MlflowClient, uri: str) -> pd.DataFrame:
-    if uri.startswith("runs:/"):
-        run_id, path = _parse_runs_uri(uri)
-        with tempfile.TemporaryDirectory(prefix="icmil-eval-") as tmp:
-            return pd.read_csv(client.download_artifacts(run_id, path, tmp))
-    return pd.read_csv(uri)
-
-
-# --------------------------------------------------------------------------- register
-
-
-def register_challenger(
-    model_uri: str,
-    name: str,
-    tags: Mapping[str, str] | None = None,
-    *,
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
-    data_digests: Mapping[str, str] | None = None,
-    eval_tables: Mapping[str, str | os.PathLike[str] | pd.DataFrame] | None = None,
-    parent_run_id: str | None = None,
-    tracking_uri: str | None = None,
-    registry_uri: str | None = None,
-    retry: RetryPolicy | None = None,
-) -> str:
-    """Register ``model_uri`` as a new version of ``name`` with alias ``challenger``; return the version.
-
-    ``metrics`` is ``{split: {metric: value}}``; ``eval_tables`` ``{split: table}`` (CSV path or DataFrame
-    with slide_id, path, label: the slides the metrics were computed on). Each table is stored with the run
-    and its digest tagged (``data_digests`` overrides the computed digest), so the gate can tell whether two
-    versions were scored on the same data and re-score them on it if not.
-
-    Example:
-        >>> register_challenger(info_uri, "icmil-slide-classifier", {"git": "abc"},
-        ...                     metrics={"test": {"auc": 0.91}}, eval_tables={"test": "RUN/test.csv"})  # doctest: +SKIP
-        '3'
-    """
-    client = _clients(tracking_uri, registry_uri)
-    policy = retry or RetryPolicy()
-    where = redact_uri(_registry_of(client))
-    run_id = _parse_runs_uri(model_uri)[0] if model_uri.startswith("runs:/") else (parent_run_id or None)
-    version_tags: dict[str, str] = {**({TAG_PARENT_RUN: parent_run_id} if parent_run_id else {})}
-    for split, values in (metrics or {}).items():
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                version_tags[metric_tag(split, key)] = repr(float(value))
-    for split, table in (eval_tables or {}).items():
-        uri, df = policy.call(
-            functools.partial(_store_eval_table, client, run_id, split, table),
-            f"store the {split} evaluation table at {where}",
-        )
-        version_tags[table_tag(split)] = uri
-        version_tags[digest_tag(split)] = evaluation_digest(df)
-    for split, digest in (data_digests or {}).items():
-        version_tags[digest_tag(split)] = digest
-    version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
-
-    source = policy.call(
-        lambda: resolve_artifact_source(client, model_uri), f"resolve {model_uri} at {where}"
-    )
-    policy.call(
-        lambda: _ensure_registered_model(client, name), f"create registered model {name!r} at {where}"
-    )
-    mv = policy.call(
-        lambda: client.create_model_version(
-            name, source=source, run_id=run_id if model_uri.startswith("runs:/") else None, tags=version_tags
-        ),
-        f"create a version of {name!r} at {where}",
-    )
-    version = str(mv.version)
-    policy.call(lambda: client.set_registered_model_alias(name, CHALLENGER, version), f"set alias at {where}")
-    log.info("registered %s version %s as %s (source %s)", name, version, CHALLENGER, redact_uri(source))
-    return version
-
-
-# --------------------------------------------------------------------------- promote
-
-
 def _metric_value(mv: ModelVersion, split: str, metric: str) -> float | None:
     raw = (mv.tags or {}).get(metric_tag(split, metric))
     try:
@@ -328,7 +124,7 @@ def _score_model(
     import numpy as np
 
     from icmil.mil.metrics import classification_metrics
-    from icmil.tracking.slide_classifier import as_slide_table, open_slide_classifier, prob_columns
+    from icmil.registry.slide_classifier import as_slide_table, open_slide_classifier, prob_columns
 
     # The bundle is loaded by the installed icmil code (the model's stored Python file never runs here).
     with open_slide_classifier(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri) as model:
@@ -386,21 +182,21 @@ def promote(
     if on_data_mismatch not in ("reevaluate", "refuse"):
         raise TrackingError(f"on_data_mismatch must be 'reevaluate' or 'refuse', not {on_data_mismatch!r}")
     policy = retry or RetryPolicy()
-    source = _clients(tracking_uri, registry_uri)
-    cross = bool(target_registry_uri) and target_registry_uri != _registry_of(source)
-    target = _clients(tracking_uri, target_registry_uri) if cross else source
-    src_where, dst_where = redact_uri(_registry_of(source)), redact_uri(_registry_of(target))
+    source = clients(tracking_uri, registry_uri)
+    cross = bool(target_registry_uri) and target_registry_uri != registry_of(source)
+    target = clients(tracking_uri, target_registry_uri) if cross else source
+    src_where, dst_where = redact_uri(registry_of(source)), redact_uri(registry_of(target))
 
     challenger = policy.call(
-        lambda: _version_by_alias(source, name, CHALLENGER), f"read {name}@{CHALLENGER} from {src_where}"
+        lambda: version_by_alias(source, name, CHALLENGER), f"read {name}@{CHALLENGER} from {src_where}"
     )
     if challenger is None:
         raise TrackingError(
             f"model {name!r} has no version with alias {CHALLENGER!r} in {src_where}: register one first "
-            "(the pipeline's register step, or icmil.tracking.register_challenger)"
+            "(the pipeline's register step, or icmil.registry.register_challenger)"
         )
     champion = policy.call(
-        lambda: _version_by_alias(target, name, CHAMPION), f"read {name}@{CHAMPION} from {dst_where}"
+        lambda: version_by_alias(target, name, CHAMPION), f"read {name}@{CHAMPION} from {dst_where}"
     )
     result = PromotionResult(
         name=name,
@@ -549,14 +345,14 @@ class _Gate:
             raise _DryRunDone
         try:
             with tempfile.TemporaryDirectory(prefix="icmil-reeval-") as tmp:
-                table = _read_eval_table(self.source, table_uri)
-                tu = _tracking_of(self.source)
+                table = read_eval_table(self.source, table_uri)
+                tu = tracking_of(self.source)
                 chal = _score_model(
                     f"models:/{r.name}/{self.challenger.version}",
                     table,
                     r.metric,
                     tu,
-                    _registry_of(self.source),
+                    registry_of(self.source),
                     Path(tmp) / "challenger",
                 )
                 champ = _score_model(
@@ -564,7 +360,7 @@ class _Gate:
                     table,
                     r.metric,
                     tu,
-                    _registry_of(self.target),
+                    registry_of(self.target),
                     Path(tmp) / "champion",
                 )
         except (TrackingError, MlflowException, OSError) as err:
@@ -592,9 +388,9 @@ def _create_in_target(
     from mlflow.exceptions import MlflowException
 
     name = challenger.name
-    art = absolute_source(str(challenger.source), _tracking_of(source))
+    art = absolute_source(str(challenger.source), tracking_of(source))
     tags = {**(challenger.tags or {}), TAG_PROMOTED_FROM: f"{src_where}#{name}/{challenger.version}"}
-    policy.call(lambda: _ensure_registered_model(target, name), f"create {name!r} at {dst_where}")
+    policy.call(lambda: ensure_registered_model(target, name), f"create {name!r} at {dst_where}")
     try:
         created = policy.call(
             lambda: target.create_model_version(name, source=art, tags=tags),
@@ -624,7 +420,7 @@ def _upload_and_create(
     from icmil.tracking.mlflow_tracker import get_or_create_experiment
 
     # The upload goes to the target SERVER's tracking side (``target`` tracks into the source store).
-    registry = _registry_of(target)
+    registry = registry_of(target)
     target = MlflowClient(tracking_uri=registry, registry_uri=registry)
     exp_id = policy.call(
         lambda: get_or_create_experiment(target, f"{name}-promotions", registry), f"experiment at {dst_where}"
