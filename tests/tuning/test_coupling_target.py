@@ -33,7 +33,17 @@ def test_coupling_target_tunes_stage_two(tmp_path, cohort, monkeypatch):
     calls = []
 
     def fake_finetune(
-        encoder, head, manifest, tiles_dir, out_dir, cfg, *, features_dir=None, run=None, step_callback=None, **_
+        encoder,
+        head,
+        manifest,
+        tiles_dir,
+        out_dir,
+        cfg,
+        *,
+        features_dir=None,
+        run=None,
+        step_callback=None,
+        **_,
     ):
         calls.append(SimpleNamespace(cfg=cfg, head=head, tiles_dir=Path(tiles_dir), out_dir=Path(out_dir)))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
