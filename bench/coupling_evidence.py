@@ -48,7 +48,7 @@ METRICS = ("test_auc", "test_loss", "val_auc", "patch_auc_test", "patch_auc_all"
 
 # Demo-scale settings (documented in docs/coupling.md): 40 epochs for the bag head as in configs/demo.yaml,
 # a stage-2 budget that fits two shared CPU cores, eval every 10 steps.
-# Named stage-2 variants (METHOD.md's faithful default and each improvement on its own).
+# Named stage-2 variants (the method's faithful default and each improvement on its own).
 VARIANTS: dict[str, tuple[str, ...]] = {
     "faithful": (),
     "confidence": ("coupling.confidence=true",),
@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "frozen_bn": ("coupling.student_bn=frozen",),
     "method_lr": (
         "coupling.lr=1e-5",
-    ),  # METHOD.md's learning rate (meant for epochs over millions of patches)
+    ),  # the method's learning rate (meant for epochs over millions of patches)
     # Selection by the round's frozen head on the validation slides (the default before cross-validation).
     "frozen_head_selection": ("coupling.selection=val",),
     # Controls: a teacher that knows nothing (random head weights), and BatchNorm adaptation alone (the

@@ -3,7 +3,7 @@
 Each (head, bag size) runs in its own subprocess so the peak RSS (``ru_maxrss``; tracemalloc does not see
 torch's allocator) belongs to that configuration alone. Heads use their default (paper) sizes; features are
 random ``N x D`` float32. A training step is forward + loss + backward + grad clip + optimiser step (the
-optimiser of METHOD.md, e.g. Lookahead(RAdam) for TransMIL); inference is an eval-mode forward under
+optimiser of the method (docs/method.md), e.g. Lookahead(RAdam) for TransMIL); inference is an eval-mode forward under
 ``torch.inference_mode``; ``teacher`` is ``instance_logits`` over every instance of the bag (stage 2's cost).
 
 Usage:

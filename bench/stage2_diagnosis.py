@@ -136,6 +136,11 @@ def main() -> None:
         help="control: the teacher head keeps its input standardisation but gets random weights (knows nothing)",
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--no-signals",
+        action="store_true",
+        help="skip the selection-signal columns (refit-on-train, CV, probe CV)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -192,7 +197,8 @@ def main() -> None:
         )
         row["refit_test_auc_per_seed"] = arr[:, 1].round(3).tolist()
         row["probe_patch_auc"] = linear_probe_auc(feats, manifest, lesions)
-        row.update(selection_signals(feats, manifest, cfg.mil))
+        if not args.no_signals:
+            row.update(selection_signals(feats, manifest, cfg.mil))
         row["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -231,11 +237,11 @@ def main() -> None:
         "refit_test_loss",
         "refit_patch_auc",
         "probe_patch_auc",
-        "refit1_val_auc",
-        "refit1_val_loss",
-        "cv_auc",
-        "cv_loss",
-        "inst_probe_cv_auc",
+        *(
+            ()
+            if args.no_signals
+            else ("refit1_val_auc", "refit1_val_loss", "cv_auc", "cv_loss", "inst_probe_cv_auc")
+        ),
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:

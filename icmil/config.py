@@ -1,4 +1,4 @@
-"""The one typed configuration of the project: every default from METHOD.md lives here.
+"""The one typed configuration of the project: every default of the method (docs/method.md) lives here.
 
 YAML in, resolved YAML out (:func:`dump_config` writes it next to every output). ``--set a.b=c`` overrides are
 applied by :func:`load_config` and parsed as YAML scalars, so ``--set mil.lr=3e-4`` is a float.

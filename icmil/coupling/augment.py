@@ -1,6 +1,6 @@
 """The student's augmented view, batched on the device with torch ops (no PIL, no per-patch Python loop).
 
-METHOD.md's view: horizontal flip, vertical flip (each with probability 0.5) and RandomResizedCrop back to
+The method's view: horizontal flip, vertical flip (each with probability 0.5) and RandomResizedCrop back to
 the patch size with area scale in ``crop_scale`` (0.5–1) and aspect ratio in 3/4–4/3. All three are one
 affine map per patch, so the whole batch is resampled by a single ``affine_grid`` + ``grid_sample`` call
 (bilinear), which runs equally on CPU and GPU. Optional stain/colour augmentation (an improvement, off by
@@ -163,7 +163,7 @@ def student_view(
     color: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The student's view of a batch: flips + RandomResizedCrop (METHOD.md), plus stain/colour jitter if asked."""
+    """The student's view of a batch: flips + RandomResizedCrop (docs/method.md), plus stain/colour jitter if asked."""
     y = flip_and_crop(x, crop_scale=crop_scale, generator=generator)
     if stain:
         y = stain_jitter(y, sigma=stain_sigma, color=color, generator=generator)

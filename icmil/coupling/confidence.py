@@ -6,7 +6,7 @@ round from the round's features, see :mod:`icmil.coupling.sampler`), so a patch'
 which other slides happened to share its batch.
 
 Heads with two attention tiers (DTFD) may return ``(N, 2)`` scores: each tier is normalised on its own and
-ã = ã1·ã2 (METHOD.md). Heads without attention (max-pooling; TransMIL's instance teacher) return None; then
+ã = ã1·ã2 (docs/method.md). Heads without attention (max-pooling; TransMIL's instance teacher) return None; then
 ã is the min–max normalised teacher score of "not the negative class" — for max-pooling that score *is* what
 the pooling attends to — and the method stays defined for every head.
 

@@ -1,4 +1,4 @@
-"""The stage-2 loss of ICMIL: ``L = L_c + w1·L_w1 + w2·L_w2`` (METHOD.md, "Bag classifier → instance teacher").
+"""The stage-2 loss of ICMIL: ``L = L_c + w1·L_w1 + w2·L_w2`` (docs/method.md, "Stage 2").
 
 Notation: teacher ``(f_T, DimRed_T, Head_T)`` frozen and fed the clean patch ``x``; student ``(f_S, DimRed_S,
 Head_S)`` trainable and fed the augmented view ``x'``. Every term is a KL divergence ``KL(p ‖ q)`` with the

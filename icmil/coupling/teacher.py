@@ -2,7 +2,7 @@
 
 The teacher is the round's encoder f_T plus its bag head (DimRed_T, Head_T), frozen: ``requires_grad`` off
 and eval mode (BatchNorm uses running statistics, dropout is off), so its instance decision is the one the
-bag classifier was trained with. The student starts as an exact copy; ALL encoder layers train (METHOD.md:
+bag classifier was trained with. The student starts as an exact copy; ALL encoder layers train (docs/method.md:
 no layer freezing, no EMA), as do the copy's trunk and head.
 
 Example:

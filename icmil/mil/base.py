@@ -3,7 +3,7 @@
 Every head exposes two faces:
 
 * the **bag classifier** (stage 1): ``forward(features (N, D)) -> BagOutput`` with slide logits ``(C,)``;
-* the **instance teacher** (stage 2, METHOD.md): ``instance_embed`` (the DimRed trunk, ``(N, H)``),
+* the **instance teacher** (stage 2, docs/method.md): ``instance_embed`` (the DimRed trunk, ``(N, H)``),
   ``instance_classify`` (the head applied to single instances, ``(N, C)``), their composition
   ``instance_logits`` and ``attention_scores`` (raw, pre-softmax per-instance scores for the TMI
   confidence weights).

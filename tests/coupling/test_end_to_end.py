@@ -19,7 +19,7 @@ def run0(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_one_round_raises_the_instance_teachers_patch_auc(run0: Path, tmp_path: Path) -> None:
     run = copy_run(run0, tmp_path / "run")
     # Faithful stage 2 (loss, augmentation, selection) with a demo-scale budget: 20 steps of 32 patches at a
-    # learning rate that lets a random tiny CNN move in that budget (METHOD.md's 1e-5 assumes epochs over
+    # learning rate that lets a random tiny CNN move in that budget (the method's 1e-5 assumes epochs over
     # millions of patches). Seeds 3, 4 and 5 of this cohort gave +0.05, +0.08 and +0.04 on all slides.
     cfg = tiny_config(run, ["coupling.rounds=1", "coupling.lr=1e-3", "coupling.max_steps=20"])
     summary = run_coupling(cfg).set_index("round")

@@ -4,7 +4,7 @@ Tier 1: the slide's instances are split into ``pseudo_bags`` groups; each group 
 on the DimRed trunk and classified (cross-entropy with the slide label). Tier 2: one vector per pseudo-bag is
 distilled from tier 1 (``afs``: the attention-pooled feature; ``maxs``: the instance with the highest
 positive probability; ``maxmins``: that instance and the one with the lowest) and pooled again by gated
-attention; its output is the slide prediction. Tier 2 is fed DETACHED tier-1 features (METHOD.md), which is
+attention; its output is the slide prediction. Tier 2 is fed DETACHED tier-1 features (docs/method.md), which is
 what lets both tiers train with one optimiser.
 
 Pseudo-bags: random in training mode (as in the paper); in eval mode they are deterministic and
@@ -41,7 +41,7 @@ class DTFDMIL(MILHead):
     """Hyper-parameters: ``hidden_dim`` (512), ``attention_dim`` (128), ``dropout`` (0), ``pseudo_bags`` (5),
     ``distill`` (``afs`` | ``maxs`` | ``maxmins``), ``tier_blend`` (False). Adam, lr 1e-4; β 2.
 
-    Instance teacher (METHOD.md): the tier-2 classifier applied to an instance's tier-1 DimRed feature;
+    Instance teacher (docs/method.md): the tier-2 classifier applied to an instance's tier-1 DimRed feature;
     with ``tier_blend`` the logits are ``0.7 * tier2(h) + 0.3 * tier1(h)`` (TMI variant).
 
     ``attention_scores`` (for the confidence weights, ã = ã1·ã2 of the two tiers), defined per instance so
@@ -49,7 +49,7 @@ class DTFDMIL(MILHead):
     tier-1 gated-attention score of the instance, ``ã2 = sigmoid(s2(h))`` with ``s2`` the raw tier-2 score of
     the instance's own DimRed feature (an instance is a pseudo-bag of one, whose AFS feature is itself).
     The sigmoids make the product monotone in both scores; a product of raw scores would flip sign when both
-    are negative. The caller min-max normalises ã over its set (batch or slide) as METHOD.md describes.
+    are negative. The caller min-max normalises ã over its set (batch or slide) as the TMI paper describes.
 
     ``forward(...).attention`` is ``a1_i * a2_{k(i)}``: the instance's softmax weight inside its pseudo-bag times
     the tier-2 weight of that pseudo-bag (summed over its rows for ``maxmins``); it sums to 1 over the bag.

@@ -4,7 +4,7 @@
 -> LN -> Linear(H -> C) on the CLS token``. The grid is filled in bag order and padded by repeating the
 first tokens (as the reference model does); padded tokens never appear in outputs or attention.
 
-Instance teacher (ICMIL has no public TransMIL variant; this is our design, METHOD.md):
+Instance teacher (ICMIL has no public TransMIL variant; this is our design, docs/method.md):
 
 * ``teacher="single_instance"`` (default): ``instance_classify(h)`` runs the frozen TransMIL on a bag of ONE
   patch (CLS + 1 token, a 1x1 grid) for every row of ``h`` at once (a batch of N two-token bags). It is
