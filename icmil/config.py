@@ -180,11 +180,12 @@ class MILConfig(_Section):
     epochs: int = Field(200, ge=1)
     patience: int | None = Field(30, ge=1)
     selection: Literal["auc", "loss"] = Field(
-        "auc",
-        description="checkpoint selection on the val split: auc (ties -> lower loss) or loss (mean cross-entropy)",
+        "loss",
+        description="checkpoint selection on the val split: loss (mean cross-entropy: continuous, where a few "
+        "val slides give AUC in coarse steps) or auc (ties -> lower loss); measured in docs/coupling.md",
     )
     min_epochs: int = Field(
-        0, ge=0, description="epochs trained before selection and early stopping start (0 = from epoch 1)"
+        10, ge=0, description="epochs trained before selection and early stopping start (0 = from epoch 1)"
     )
     ema: float = Field(
         0.0,
@@ -313,6 +314,11 @@ class CouplingConfig(_Section):
     )
     cv_folds: int = Field(5, ge=2, description="selection=cv: folds over the train+val slides")
     cv_epochs: int = Field(20, ge=1, description="selection=cv: epochs of each refit head")
+    cv_head: str | None = Field(
+        "abmil",
+        description="selection=cv: the head refit to judge a candidate encoder (null: the round's own head); "
+        "a stable learner makes a low-noise judge",
+    )
     eval_max_patches: int | None = Field(
         None, ge=1, description="cap on patches per val slide when re-embedding for selection (None: all)"
     )

@@ -395,7 +395,9 @@ def _epochs(
             "seconds": time.perf_counter() - t0,
         }
         if epoch < first_selectable:
-            pass  # too early to select or to count towards patience
+            # Too early to select or to count towards patience; the latest head stands in, so an interrupted
+            # run (or a pruned trial) still leaves a usable head behind.
+            save_mil_head(scored, out, extra={**extra, "best_epoch": epoch, "provisional": True})
         elif _better(val_auc, val.mean_loss, state, cfg.selection):
             state.best_epoch, state.best_auc, state.best_loss = epoch, val_auc, val.mean_loss
             state.bad_epochs = 0
