@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package name it is installed as.
 PACKAGES = {"icmil": "icmil", "components": "icmil_kfp.components", "pipelines": "icmil_kfp.pipelines"}
 # Cycles that exist today and are being removed elsewhere; each entry must still be a cycle (so it is deleted
-# from here once fixed). icmil.coupling's round driver calls the stages, which use coupling's algorithm modules.
-KNOWN_CYCLES = [frozenset({"icmil.coupling", "icmil.coupling.driver", "icmil.stages"})]
+# from here once fixed).
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:
