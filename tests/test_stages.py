@@ -62,6 +62,9 @@ class RecordingTracker:
     def parent(self) -> contextlib.AbstractContextManager[Any]:
         return NullTracker().parent()
 
+    def nested(self, run_id: str) -> RecordingTracker:
+        return self  # tuning trials: recorded as stages of this tracker
+
 
 @pytest.fixture(scope="module")
 def run0(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -204,6 +207,10 @@ def test_a_round_that_keeps_its_teacher_reuses_the_previous_round_and_stops(
     ).read_bytes()
     rows = json.loads((run / "summary.json").read_text())["rounds"]
     assert rows[1]["teacher_kept"] and rows[1]["reused_from_round"] == 0 and not rows[0]["teacher_kept"]
+    from icmil.report import write_run_report
+
+    page = write_run_report(run, max_viewer_slides=0).read_text(encoding="utf-8")
+    assert "teacher kept: round 0&#x27;s model" in page and "rounds 2–3 were not run" in page
     assert ("evaluate", 1, {"teacher_kept": 1.0}) in [
         (n, r, {k: v for k, v in m.items() if k == "teacher_kept"}) for n, r, m in tracker.metrics
     ]
@@ -224,3 +231,25 @@ def test_a_round_that_keeps_its_teacher_reuses_the_previous_round_and_stops(
     assert list(summary["round"]) == [0, 1, 2] and not summary.set_index("round").loc[2, "teacher_kept"]
     assert (run / "round_2" / "features").is_dir()
     assert teachers[-1] == ("round_1", "round_0", "round_0")
+
+
+def test_couple_tunes_each_round_when_tuning_is_enabled(tmp_path: Path) -> None:
+    """tuning.enabled: the local driver runs the round's study before training (as the pipeline does) and the
+    round's head is trained with the best settings; a rerun does not tune again."""
+    cfg = tiny_config(
+        tmp_path / "run",
+        ["coupling.rounds=0", "tuning.enabled=true", "tuning.n_trials=2", "tuning.epochs=2", "mil.epochs=2"],
+    )
+    tracker = RecordingTracker()
+    summary = run_rounds(cfg, tracker=tracker)
+    assert list(summary["round"]) == [0]
+    assert tracker.opened[0] == ("tune", 0) and ("train", 0) in tracker.opened
+    assert tracker.opened.index(("train", 0)) > max(i for i, s in enumerate(tracker.opened) if s[0] == "tune")
+    tune = tmp_path / "run" / "round_0" / "tune"
+    best = json.loads((tune / "best_params.json").read_text())
+    assert read_marker(tune / "stage.json")["best_params"] == best["params"]  # type: ignore[index]
+    trained = read_marker(tmp_path / "run" / "round_0" / "head" / "stage.json")
+    assert trained is not None and trained["params"] == best["params"]
+    again = RecordingTracker()
+    run_rounds(cfg, tracker=again)
+    assert again.opened == []

@@ -1,7 +1,7 @@
 """A round's tuning from start to end: prepare the study, run worker(s), write and log the result.
 
-Local (``icmil tune``, the round driver): :func:`tune_round` does all three in one process. Pipeline: a
-``prepare`` task (:func:`prepare_tuning`), a ``ParallelFor`` of GPU tasks each running
+Local (``icmil tune``; ``icmil couple`` through :func:`tune_stage`): :func:`tune_round` does all three in one
+process. Pipeline: a ``prepare`` task (:func:`prepare_tuning`), a ``ParallelFor`` of GPU tasks each running
 :func:`~icmil.tuning.worker.run_tuning_worker` on the same study (PostgreSQL storage), then a ``finish`` task
 (:func:`finish_tuning`) whose ``best_params.json`` feeds the round's training step. Several ``icmil tune``
 processes started on one study name and one PostgreSQL storage cooperate the same way.
