@@ -145,7 +145,11 @@ def _rounds_table(rows: Sequence[Mapping[str, Any]], rounds_planned: int | None 
     for r in rows:
         kept = teacher_kept(r)
         reused = r.get("reused_from_round")
-        note = ("teacher kept" + (f": round {_fmt(reused)}'s model" if reused is not None else "")) if kept else ""
+        note = (
+            ("teacher kept" + (f": round {_fmt(reused)}'s model" if reused is not None else ""))
+            if kept
+            else ""
+        )
         cells = "".join(f"<td>{_e(_fmt(r.get(k)))}</td>" for k, _ in cols)
         cls = ' class="kept"' if kept else ""
         body.append(f'<tr{cls} data-round="{_e(r.get("round"))}">{cells}<td>{_e(note)}</td></tr>')
@@ -599,7 +603,11 @@ def write_run_report(
                 "Promotion decision",
                 _safe("decision", lambda: _decision_section(contents.registration)),
             ),
-            ("rounds", "Metrics by round", _safe("table", lambda: _rounds_table(contents.rounds, contents.rounds_planned))),
+            (
+                "rounds",
+                "Metrics by round",
+                _safe("table", lambda: _rounds_table(contents.rounds, contents.rounds_planned)),
+            ),
             ("viewer", "Zoomable slide and heatmap", _viewer_section(viewer_slides)),
             ("gallery", "Heatmap gallery", gallery or _unavailable("heatmaps")),
             (
