@@ -165,6 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_couple(args: argparse.Namespace) -> int:
+    from icmil.cohort import MANIFEST_NAME, preflight_cohort
     from icmil.rounds import couple
     from icmil.run_summary import format_rounds
 
@@ -174,9 +175,7 @@ def cmd_couple(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         extra.append(f"coupling.rounds={args.rounds}")
     cfg = _checked_heads(_config(args, extra))
-    if not (Path(cfg.run_dir) / "manifest.csv").is_file():
-        from icmil.cohort import preflight_cohort
-
+    if not (Path(cfg.run_dir) / MANIFEST_NAME).is_file():
         # Before the run folder is made: after fixing the manifest or a setting, the rerun starts clean.
         preflight_cohort(cfg)
     summary = couple(cfg, track=not args.no_tracking)

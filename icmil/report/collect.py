@@ -160,9 +160,11 @@ def collect_run(run_dir: str | os.PathLike[str]) -> RunContents:
             contents.tuning.setdefault(int(_number(data["round"])), best.parent)
     if not registration:
         contents.registration = _decision(run, contents.pipeline_dir)
+    from icmil.cohort import MANIFEST_NAME
+
     for candidate in (
-        run / "manifest.csv",
-        *(sorted(contents.pipeline_dir.glob("*/cohort/manifest.csv")) if contents.pipeline_dir else []),
+        run / MANIFEST_NAME,
+        *(sorted(contents.pipeline_dir.glob(f"*/cohort/{MANIFEST_NAME}")) if contents.pipeline_dir else []),
     ):
         if candidate.is_file():
             contents.manifest = candidate
