@@ -113,7 +113,7 @@ def step_throughput(
 
 def round_cost(threads: int) -> dict[str, Any]:
     """Tiny synthetic run (tiny_cnn, abmil, 1 round) with the real stage functions; seconds per stage."""
-    from icmil.coupling import run_coupling
+    from icmil.rounds import run_rounds
     from icmil.stages import METRICS_FILE, read_marker
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +137,7 @@ def round_cost(threads: int) -> dict[str, Any]:
             ],
         )
         t0 = time.perf_counter()
-        run_coupling(cfg)
+        run_rounds(cfg)
         total = time.perf_counter() - t0
         run = Path(tmp) / "run"
         sec: dict[str, float] = {}

@@ -18,12 +18,12 @@ from pathlib import Path
 from kfp import dsl, local
 
 from icmil.config import load_config
-from pipelines.runner import compile_pipeline
+from icmil_kfp.pipelines.runner import compile_pipeline
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
 def noop(i: int) -> int:
-    from components import _runtime  # noqa: F401 - what every stage component imports first
+    from icmil_kfp.components import _runtime  # noqa: F401 - what every stage component imports first
 
     return i
 

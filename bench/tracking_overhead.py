@@ -40,14 +40,8 @@ def main() -> None:
     from icmil.config import EncoderConfig, load_config
     from icmil.features import create_encoder, save_encoder, write_features
     from icmil.mil import create_mil_head, save_mil_head
-    from icmil.tracking import (
-        log_slide_classifier,
-        predict_slides,
-        promote,
-        register_challenger,
-        start_parent_run,
-        tracker_for,
-    )
+    from icmil.registry import log_slide_classifier, predict_slides, promote, register_challenger
+    from icmil.tracking import start_parent_run, tracker_for
     from icmil.tracking.uris import resolve_tracking_uri
 
     root = Path(tempfile.mkdtemp(prefix="icmil-bench-tracking-"))

@@ -82,14 +82,6 @@ def cohort_manifest(cohort_dir: str) -> str:
     return str(Path(cohort_dir) / MANIFEST_NAME)
 
 
-def cohort_lesions(cohort_dir: str) -> str | None:
-    """Lesion boxes of a synthetic cohort (drive heatmaps and the patch-level AUC), None for real data."""
-    from icmil.cohort import SYNTH_DIR
-
-    path = Path(cohort_dir) / SYNTH_DIR / "lesions.json"
-    return str(path) if path.is_file() else None
-
-
 @contextlib.contextmanager
 def shard_inputs(shard_json: str, cohort_dir: str | None) -> Iterator[tuple[str, list[str]]]:
     """The shard's own manifest CSV (temporary) and its slide ids, for a tile/embed stage."""
@@ -126,6 +118,23 @@ def log_kfp_metrics(metrics: Any, result: Mapping[str, Any]) -> dict[str, float]
         row[name] = float(value)
         metrics.log_metric(name, float(value))
     return row
+
+
+def round_outputs(
+    cfg: ICMILConfig, metrics: Any, history_json: str, round_index: int, result: Mapping[str, Any]
+) -> Any:
+    """What an evaluate or keep-teacher task returns: the per-round table plus this round's row
+    (:func:`icmil.run_summary.summary_row`, the row ``icmil couple`` writes too) and the promotion metric
+    (``tracking.promotion_split`` + ``tracking.promotion_metric``); the round's numbers also go to ``metrics``."""
+    from collections import namedtuple
+
+    from icmil.run_summary import summary_row
+
+    log_kfp_metrics(metrics, result)
+    row = summary_row(result)
+    key = f"{cfg.tracking.promotion_split}_{cfg.tracking.promotion_metric}"
+    outputs = namedtuple("EvaluateOutputs", ["history_json", "metric"])  # type: ignore[name-match]
+    return outputs(append_round(history_json, round_index, row), float(row.get(key, float("nan"))))
 
 
 def tuned_params(best_dir: str | None) -> dict[str, Any] | None:

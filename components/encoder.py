@@ -28,6 +28,6 @@ def initial_encoder(
     manifest_csv = rt.cohort_manifest(cohort.path) if cohort else None
     tiles_dir = tiles.path if tiles else None
     cfg = config_from_yaml(config_yaml)
-    result = encoder_stage(cfg, manifest_csv, tiles_dir, encoder.path)  # type: ignore[arg-type]
+    result = encoder_stage(cfg, manifest_csv, tiles_dir, encoder.path)
     encoder.metadata.update(rt.metadata(result))
     return namedtuple("EncoderOutputs", ["encoder_digest"])(str(result.get("encoder_digest", "")))

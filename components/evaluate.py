@@ -24,8 +24,7 @@ def evaluate(
     """Appends the round's row to the per-round table ``history_json``; ``metric`` is the promotion metric
     (``tracking.promotion_split`` + ``tracking.promotion_metric``). ``encoder``: the round's fine-tuned encoder
     (its ``finetune.json`` adds the stage-2 summary to the row)."""
-    from collections import namedtuple
-
+    from icmil.cohort import cohort_lesions
     from icmil.config import config_from_yaml
     from icmil.stages import evaluate_stage
     from icmil_kfp.components import _runtime as rt
@@ -40,10 +39,7 @@ def evaluate(
             evaluation.path,
             round_index,
             tracker=rt.stage_tracker(cfg, parent_run_id),
-            lesions_json=rt.cohort_lesions(cohort.path),
+            lesions_json=cohort_lesions(cohort.path),
             finetune_dir=encoder.path if encoder else None,
         )
-    row = rt.log_kfp_metrics(metrics, result)
-    key = f"{cfg.tracking.promotion_split}_{cfg.tracking.promotion_metric}"
-    outputs = namedtuple("EvaluateOutputs", ["history_json", "metric"])  # type: ignore[name-match]
-    return outputs(rt.append_round(history_json, round_index, row), float(row.get(key, float("nan"))))
+    return rt.round_outputs(cfg, metrics, history_json, round_index, result)

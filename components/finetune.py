@@ -1,7 +1,5 @@
 """Fine-tune the patch encoder (ICMIL stage 2): the previous round's bag head becomes the instance teacher."""
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
@@ -17,19 +15,23 @@ def finetune(
     tiles: Input[Artifact],
     previous_encoder: Input[Model],
     head: Input[Model],
-    features: Input[list[Artifact]],
     encoder: Output[Model],
     metrics: Output[Metrics],
-) -> NamedTuple("FinetuneOutputs", [("encoder_digest", str)]):  # type: ignore[valid-type]  # KFP's NamedTuple outputs
-    """Teacher = (``previous_encoder``, ``head``) of round k-1; ``features`` are what that encoder made."""
-    from collections import namedtuple
-
+    features: Input[list[Artifact]] | None = None,
+    merged_features: Input[Artifact] | None = None,
+) -> bool:
+    """Teacher = round k-1's ``previous_encoder`` with the model round's ``head``; ``features`` (the shards) or
+    ``merged_features`` (one folder) are what that encoder made. Returns True when no student beat the teacher (selected step 0): the pipeline then neither
+    re-embeds nor retrains (the return value is this task's only output parameter because the local runner
+    resolves a ``dsl.If`` condition only on ``Output``)."""
     from icmil.config import config_from_yaml
+    from icmil.rounds.wiring import teacher_kept
     from icmil.stages import finetune_stage
     from icmil_kfp.components import _runtime as rt
 
     cfg = config_from_yaml(config_yaml)
-    with rt.merged_view([f.path for f in features]) as features_dir:
+    parts = [merged_features.path] if merged_features is not None else [f.path for f in features or []]
+    with rt.merged_view(parts) as features_dir:
         result = finetune_stage(
             cfg,
             rt.cohort_manifest(cohort.path),
@@ -43,4 +45,4 @@ def finetune(
         )
     rt.log_kfp_metrics(metrics, result)
     encoder.metadata.update(rt.metadata(result))
-    return namedtuple("FinetuneOutputs", ["encoder_digest"])(str(result.get("encoder_digest") or ""))
+    return teacher_kept(result)

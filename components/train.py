@@ -18,6 +18,7 @@ def train_head(
     tuned: Input[Artifact] | None = None,
 ):
     """``tuned``: the round's ``best_params.json`` (Optuna) overriding ``mil`` settings; absent = the config."""
+    from icmil.cohort import cohort_lesions
     from icmil.config import config_from_yaml
     from icmil.stages import train_stage
     from icmil_kfp.components import _runtime as rt
@@ -32,7 +33,7 @@ def train_head(
             round_index,
             tracker=rt.stage_tracker(cfg, parent_run_id),
             params=rt.tuned_params(tuned.path if tuned else None),
-            lesions_json=rt.cohort_lesions(cohort.path),
+            lesions_json=cohort_lesions(cohort.path),
         )
     rt.log_kfp_metrics(metrics, result.get("metrics", {}))
     head.metadata.update(rt.metadata(result))

@@ -165,7 +165,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_couple(args: argparse.Namespace) -> int:
-    from icmil.coupling import run_coupling
+    from icmil.cohort import MANIFEST_NAME, preflight_cohort
+    from icmil.rounds import couple
+    from icmil.run_summary import format_rounds
 
     extra = [f"run_dir={args.out}"]
     if args.manifest:
@@ -173,13 +175,15 @@ def cmd_couple(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         extra.append(f"coupling.rounds={args.rounds}")
     cfg = _checked_heads(_config(args, extra))
-    if not (Path(cfg.run_dir) / "manifest.csv").is_file():
-        from icmil.cohort import preflight_cohort
-
+    if not (Path(cfg.run_dir) / MANIFEST_NAME).is_file():
         # Before the run folder is made: after fixing the manifest or a setting, the rerun starts clean.
         preflight_cohort(cfg)
-    summary = run_coupling(cfg)
-    print(summary.to_string(index=False))
+    summary = couple(cfg, track=not args.no_tracking)
+    print(format_rounds(summary.to_dict("records")))
+    if not args.no_tracking:
+        from icmil.tracking import redact_uri, resolve_tracking_uri
+
+        print(f"MLflow: {redact_uri(resolve_tracking_uri(cfg))}")
     _print_report(cfg.run_dir)
     return 0
 
@@ -428,10 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", type=Path, default=None)
 
-    p = add("couple", cmd_couple, "run ICMIL rounds: embed, train, fine-tune, re-embed, retrain (resumable)")
+    p = add(
+        "couple",
+        cmd_couple,
+        "run ICMIL rounds in this process: embed, [tune], train, fine-tune, re-embed, ... (resumable, tracked)",
+    )
     p.add_argument("--manifest", type=Path, default=None, help="default: synthesise a cohort")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="record nothing in MLflow (default: track like `icmil run`: tracking.tracking_uri, "
+        "$MLFLOW_TRACKING_URI, else sqlite RUN/mlflow.db)",
+    )
 
     p = sub.add_parser("run", help="run the whole Kubeflow pipeline locally (KFP local runner)")
     p.add_argument("config_file", type=Path, nargs="?", default=None)

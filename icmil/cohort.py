@@ -36,9 +36,13 @@ from icmil.manifest import Manifest, check_trainable, read_run_manifest
 
 log = get_logger("cohort")
 
-MANIFEST_NAME = "manifest.csv"
+# The cohort folder's layout (the KFP artifact ``cohort``; for ``icmil couple`` the run folder itself).
+MANIFEST_NAME = "manifest.csv"  # the resolved manifest: split and label index filled in
 SHARDS_NAME = "shards.json"
-SYNTH_DIR = "synth"
+SYNTH_DIR = "synth"  # a synthetic cohort: slides/, its own manifest.csv and lesions.json
+# Lesion boxes {slide_id: [[x0, y0, x1, y1], ...]} (level-0 pixels): the synthetic generator writes them, and a
+# user's file of this name next to a local manifest is copied into the cohort. They give the patch-level AUCs.
+LESIONS_NAME = "lesions.json"
 _ROW_COLUMNS = ("slide_id", "path", "label", "split", "mpp")
 
 
@@ -140,6 +144,38 @@ def _portable_path(path: str, base: Path) -> str:
         return path
 
 
+def cohort_lesions(cohort_dir: str | os.PathLike[str]) -> Path | None:
+    """The cohort's lesion boxes: ``lesions.json`` copied from beside a user's manifest, else the synthetic
+    cohort's; None when the cohort has none (no patch-level AUCs then).
+
+    >>> import tempfile
+    >>> cohort_lesions(tempfile.mkdtemp()) is None
+    True
+    """
+    for path in (Path(cohort_dir) / LESIONS_NAME, Path(cohort_dir) / SYNTH_DIR / LESIONS_NAME):
+        if path.is_file():
+            return path
+    return None
+
+
+def copy_lesions(manifest: str | None, out_dir: str | os.PathLike[str]) -> Path | None:
+    """Copy ``lesions.json`` from beside a local ``manifest`` into the cohort folder ``out_dir`` (a newer file
+    replaces an older copy); returns the copy, or None when there is none to copy (no manifest, ``s3://``, no
+    such file). The file is read (and checked) where it is used: :func:`icmil.stages.read_lesions`."""
+    import shutil
+
+    if not manifest or manifest.startswith("s3://"):
+        return None
+    source = Path(manifest).parent / LESIONS_NAME
+    if not source.is_file():
+        return None
+    target = Path(out_dir) / LESIONS_NAME
+    if not target.is_file() or file_digest(target) != file_digest(source):
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return target
+
+
 def check_cohort(cfg: ICMILConfig, manifest_csv: str | os.PathLike[str]) -> Manifest:
     """Every check of a training cohort, in seconds and before anything expensive; returns the manifest.
 
@@ -192,7 +228,8 @@ def prepare_cohort(
 
     ``manifest`` overrides ``cfg.manifest`` (the pipeline parameter of the same name). Writes
     ``out_dir/manifest.csv`` (resolved), ``out_dir/shards.json`` and ``out_dir/manifest_errors.json``; a
-    synthetic cohort goes to ``out_dir/synth/``. Rows the manifest reader rejected are listed in ``errors``
+    synthetic cohort goes to ``out_dir/synth/``; a local manifest's ``lesions.json`` is copied to
+    ``out_dir/lesions.json`` (:func:`cohort_lesions` finds either). Rows the manifest reader rejected are listed in ``errors``
     (and logged with their CSV line) and left out of every shard.
 
     All cohort checks (:func:`check_cohort`) run first; nothing is written when they fail, so a rerun checks
@@ -213,6 +250,8 @@ def prepare_cohort(
     else:
         source_path = Path(source)
     m = check_cohort(cfg, source_path)
+    if not synthetic:
+        copy_lesions(source, out)
     slides = m.slides.copy()
     slides["path"] = [_portable_path(p, out) for p in slides["path"]]
     manifest_csv = write_text_atomic(out / MANIFEST_NAME, slides.to_csv(index=False))

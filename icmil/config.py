@@ -263,7 +263,7 @@ def _deprecated(old: str, new: str) -> None:
 
 
 class CouplingConfig(_Section):
-    """Stage 2 (teacher-student fine-tuning of the embedder) and the round driver."""
+    """Stage 2 (teacher-student fine-tuning of the embedder) and how many rounds run (icmil.rounds)."""
 
     rounds: int = Field(1, ge=0)
     force_rounds: bool = Field(

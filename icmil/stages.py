@@ -1,5 +1,5 @@
-"""Path-explicit stage functions: the ONE implementation of each stage, called by the round driver
-(:func:`icmil.coupling.run_coupling`, ``icmil couple``) and by the Kubeflow components alike.
+"""Path-explicit stage functions: the ONE implementation of each stage, called by the local round driver
+(:func:`icmil.rounds.run_rounds`, ``icmil couple``) and by the Kubeflow components alike.
 
 Each stage takes the resolved :class:`ICMILConfig`, explicit input/output folders (artifact paths on a cluster),
 the round index where it applies and a :class:`StageTracker`; it logs its parameters, metrics and artifacts under
@@ -20,7 +20,10 @@ and process uses the same weights):
 ``train_stage``       features -> ``round_k/head/`` (bag head, stage 1)
 ``finetune_stage``    tiles + round k-1 encoder/head/features -> ``round_k/encoder/`` (stage 2)
 ``evaluate_stage``    features + head -> ``round_k/metrics.json`` (val/test slide metrics, patch-level AUC)
+``keep_teacher_stage`` (round k kept its teacher) the model round's evaluation -> ``round_k/metrics.json``
 ====================  ==============================================================================
+
+Which round's outputs each stage reads is :mod:`icmil.rounds.wiring` (the one description of a round).
 
 Example:
     >>> from icmil.config import load_config
@@ -80,7 +83,8 @@ def read_marker(path: PathLike) -> dict[str, Any] | None:
     return data
 
 
-def _skip(path: Path, name: str, round_index: int | None) -> dict[str, Any] | None:
+def finished_result(path: Path, name: str, round_index: int | None) -> dict[str, Any] | None:
+    """The stored result when the stage writing ``path`` has finished (logged as a skip), else None."""
     done = read_marker(path)
     if done is not None:
         where = f" round {round_index}" if round_index is not None else ""
@@ -88,9 +92,11 @@ def _skip(path: Path, name: str, round_index: int | None) -> dict[str, Any] | No
     return done
 
 
-def _finish(
+def write_marker(
     path: Path, name: str, round_index: int | None, cfg: ICMILConfig, result: Mapping[str, Any], t0: float
 ) -> dict[str, Any]:
+    """Record a finished stage: ``result`` plus stage, round, config digest and timing, written atomically and
+    last (the output is complete when the marker exists). Returns the record."""
     record = {
         "stage": name,
         "round": round_index,
@@ -205,7 +211,7 @@ def tile_stage(
 
     out = Path(tiles_dir)
     marker = marker_path(out, shard)
-    if (done := _skip(marker, "tile", None)) is not None:
+    if (done := finished_result(marker, "tile", None)) is not None:
         return done
     t0 = time.perf_counter()
     # A shard's rows are a part of the resolved manifest: its labels and splits were checked when it was made.
@@ -237,17 +243,20 @@ def tile_stage(
         run.log_metrics(_numeric(result))
         _log_artifact(run, Path(report.status_path))
         dump_config(cfg, out)
-        return _finish(marker, "tile", None, cfg, result, t0)
+        return write_marker(marker, "tile", None, cfg, result, t0)
 
 
 def encoder_stage(
     cfg: ICMILConfig,
-    manifest_csv: PathLike,
-    tiles_dir: PathLike,
+    manifest_csv: PathLike | None,
+    tiles_dir: PathLike | None,
     out_encoder_dir: PathLike,
     tracker: StageTracker | None = None,
 ) -> dict[str, Any]:
     """Materialise the round-0 encoder (``cfg.encoder``) as ``weights.safetensors`` + ``config.json``.
+
+    ``manifest_csv`` and ``tiles_dir`` are read only to calibrate a random init's BatchNorm
+    (``coupling.initial_bn_calibration``); otherwise they may be None.
 
     Every later stage (embedding, the round-1 teacher) then loads these exact weights, whichever process runs it.
     """
@@ -255,7 +264,7 @@ def encoder_stage(
 
     out = Path(out_encoder_dir)
     marker = marker_path(out)
-    if (done := _skip(marker, "encoder", 0)) is not None:
+    if (done := finished_result(marker, "encoder", 0)) is not None:
         return done
     t0 = time.perf_counter()
     with _tracker(tracker).stage("encoder", 0) as run:
@@ -285,7 +294,7 @@ def encoder_stage(
             }
         )
         dump_config(cfg, out)
-        return _finish(marker, "encoder", 0, cfg, result, t0)
+        return write_marker(marker, "encoder", 0, cfg, result, t0)
 
 
 def embed_stage(
@@ -303,7 +312,7 @@ def embed_stage(
 
     out = Path(features_dir)
     marker = marker_path(out, shard)
-    if (done := _skip(marker, "embed", round_index)) is not None:
+    if (done := finished_result(marker, "embed", round_index)) is not None:
         return done
     t0 = time.perf_counter()
     manifest = read_run_manifest(cfg, manifest_csv, partial=shard is not None)
@@ -335,7 +344,7 @@ def embed_stage(
         run.log_metrics(_numeric(result))
         _log_artifact(run, Path(report.status_path))
         dump_config(cfg, out)
-        return _finish(marker, "embed", round_index, cfg, result, t0)
+        return write_marker(marker, "embed", round_index, cfg, result, t0)
 
 
 def train_stage(
@@ -353,7 +362,7 @@ def train_stage(
 
     out = Path(head_dir)
     marker = marker_path(out)
-    if (done := _skip(marker, "train", round_index)) is not None:
+    if (done := finished_result(marker, "train", round_index)) is not None:
         return done
     t0 = time.perf_counter()
     manifest = read_run_manifest(cfg, manifest_csv)
@@ -381,7 +390,7 @@ def train_stage(
         for name in ("metrics.json", "history.csv", "roc.png"):
             _log_artifact(run, out / name)
         dump_config(cfg, out)
-        return _finish(marker, "train", round_index, cfg, result, t0)
+        return write_marker(marker, "train", round_index, cfg, result, t0)
 
 
 def finetune_stage(
@@ -402,7 +411,7 @@ def finetune_stage(
 
     out = Path(out_encoder_dir)
     marker = marker_path(out)
-    if (done := _skip(marker, "finetune", round_index)) is not None:
+    if (done := finished_result(marker, "finetune", round_index)) is not None:
         return done
     t0 = time.perf_counter()
     manifest = read_run_manifest(cfg, manifest_csv)
@@ -438,7 +447,7 @@ def finetune_stage(
         for name in ("finetune.json", "history.csv"):
             _log_artifact(run, out / name)
         dump_config(cfg, out)
-        return _finish(marker, "finetune", round_index, cfg, result, t0)
+        return write_marker(marker, "finetune", round_index, cfg, result, t0)
 
 
 def instance_patch_auc(
@@ -468,6 +477,24 @@ def instance_patch_auc(
     return float(patch_level_auc(scores, coords, sizes, {k: lesions[k] for k in scores}))
 
 
+def finetune_summary(finetune_dir: PathLike | None) -> dict[str, Any]:
+    """The stage-2 fields of a round's evaluation record, from ``finetune_dir/finetune.json`` (empty without
+    one): the selected step (0 = the teacher), the teacher's and the selected encoder's selection metrics."""
+    path = Path(finetune_dir) / "finetune.json" if finetune_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    ft = json.loads(path.read_text(encoding="utf-8"))
+    teacher, selected = ft.get("teacher") or {}, ft.get("selected") or {}
+    return {
+        "finetune_best_step": ft.get("best_step"),
+        "finetune_teacher_val_auc": teacher.get("val_auc"),
+        "finetune_selected_val_auc": selected.get("val_auc"),
+        "finetune_teacher_cv_auc": teacher.get("cv_auc"),
+        "finetune_selected_cv_auc": selected.get("cv_auc"),
+        "finetune_patches_per_s": ft.get("patches_per_s"),
+    }
+
+
 def evaluate_stage(
     cfg: ICMILConfig,
     manifest_csv: PathLike,
@@ -486,7 +513,7 @@ def evaluate_stage(
 
     out = Path(out_dir)
     marker = out / METRICS_FILE
-    if (done := _skip(marker, "evaluate", round_index)) is not None:
+    if (done := finished_result(marker, "evaluate", round_index)) is not None:
         return done
     t0 = time.perf_counter()
     manifest = read_run_manifest(cfg, manifest_csv)
@@ -510,14 +537,7 @@ def evaluate_stage(
             result["patch_auc_all"] = instance_patch_auc(
                 head, manifest, features_dir, lesions, ["train", "val", "test"]
             )
-        if finetune_dir is not None and (Path(finetune_dir) / "finetune.json").is_file():
-            ft = json.loads((Path(finetune_dir) / "finetune.json").read_text(encoding="utf-8"))
-            result["finetune_best_step"] = ft.get("best_step")
-            result["finetune_teacher_val_auc"] = (ft.get("teacher") or {}).get("val_auc")
-            result["finetune_selected_val_auc"] = (ft.get("selected") or {}).get("val_auc")
-            result["finetune_teacher_cv_auc"] = (ft.get("teacher") or {}).get("cv_auc")
-            result["finetune_selected_cv_auc"] = (ft.get("selected") or {}).get("cv_auc")
-            result["finetune_patches_per_s"] = ft.get("patches_per_s")
+        result.update(finetune_summary(finetune_dir))
         if frames:
             import pandas as pd
 
@@ -528,4 +548,65 @@ def evaluate_stage(
             )
         run.log_metrics(_numeric(result), step=round_index)
         _log_artifact(run, out / "predictions.csv")
-        return _finish(marker, "evaluate", round_index, cfg, result, t0)
+        return write_marker(marker, "evaluate", round_index, cfg, result, t0)
+
+
+def keep_teacher_stage(
+    cfg: ICMILConfig,
+    model_evaluation_dir: PathLike,
+    finetune_dir: PathLike,
+    out_dir: PathLike,
+    round_index: int,
+    tracker: StageTracker | None = None,
+) -> dict[str, Any]:
+    """Round ``round_index``'s evaluation when its stage 2 kept the teacher (selected step 0).
+
+    The round's encoder is then the previous one, so re-embedding and retraining would only reproduce the
+    model round (the last round that trained its own head, whose evaluation is ``model_evaluation_dir``): this
+    stage records that round's metrics with ``teacher_kept: true`` and ``reused_from_round``, plus this round's
+    stage-2 summary, in ``out_dir/metrics.json`` (the marker) and links its ``predictions.csv``. Nothing is
+    embedded or trained. Tracked as the round's ``evaluate`` run, tagged ``teacher_kept``.
+    """
+    out = Path(out_dir)
+    marker = out / METRICS_FILE
+    if (done := finished_result(marker, "evaluate", round_index)) is not None:
+        return done
+    t0 = time.perf_counter()
+    source = Path(model_evaluation_dir)
+    model = read_marker(source / METRICS_FILE)
+    if model is None:
+        raise FeatureStoreError(
+            f"round {round_index} kept its teacher but the evaluation it reuses ({source / METRICS_FILE}) is "
+            "missing; rerun that round's evaluation"
+        )
+    reused = int(model["reused_from_round"] if model.get("teacher_kept") else model["round"])
+    bookkeeping = ("stage", "round", "seconds", "finished_at", "config_digest")
+    carried = {k: v for k, v in model.items() if k not in bookkeeping}
+    result = {**carried, "teacher_kept": True, "reused_from_round": reused, **finetune_summary(finetune_dir)}
+    log.info(
+        "round %d: stage 2 kept the teacher (no student beat it on validation); round %d's features and head "
+        "stand for this round - nothing re-embedded or retrained",
+        round_index,
+        reused,
+    )
+    with _tracker(tracker).stage("evaluate", round_index) as run:
+        run.set_tags({"teacher_kept": "true", "reused_from_round": str(reused)})
+        run.log_metrics({**_numeric(result), "teacher_kept": 1.0}, step=round_index)
+        if (source / "predictions.csv").is_file():
+            _link_or_copy(source / "predictions.csv", out / "predictions.csv")
+        return write_marker(marker, "evaluate", round_index, cfg, result, t0)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes the same bytes as ``src``: a hard link where the filesystem allows, else a copy."""
+    import shutil
+
+    from icmil.io import atomic_path
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()  # the placeholder atomic_path made: a link needs the name free
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(src, tmp)

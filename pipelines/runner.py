@@ -33,7 +33,7 @@ from icmil.config import ICMILConfig, dump_config
 from icmil.errors import ConfigError, ICMILError
 from icmil.io import atomic_path, text_digest, write_json_atomic
 from icmil.log import get_logger
-from icmil.run_summary import SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_JSON
+from icmil.run_summary import SUMMARY_FILES, SUMMARY_JSON, format_rounds
 
 log = get_logger("pipeline")
 
@@ -194,23 +194,18 @@ def _index_outputs(run_folder: Path) -> dict[str, str]:
 
 def format_summary(summary: RunSummary) -> str:
     """The text ``icmil run`` prints: where things are, the per-round metrics table and the gate's decision."""
-    import pandas as pd
-
     lines = [
         f"run folder        {summary.run_dir}",
         f"pipeline outputs  {summary.pipeline_run_dir}",
-        f"summary           {summary.run_dir / 'summary.json'} (+ summary.csv, outputs.json)",
+        f"summary           {summary.run_dir / 'summary.json'} (+ summary.csv, summary.png, outputs.json)",
         f"MLflow            {summary.tracking_uri}",
         f"wall time         {summary.seconds:.0f} s",
         "",
     ]
     if summary.rounds:
-        table = pd.DataFrame(summary.rounds)
-        cols = [c for c in SUMMARY_COLUMNS if c in table.columns]
-        table["round"] = table["round"].astype(int)
         lines += [
             "per-round metrics (round 0 = frozen encoder; round k = after k ICMIL couplings):",
-            table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"),
+            format_rounds(summary.rounds),
             "",
         ]
     reg = summary.registration
@@ -332,8 +327,8 @@ def _collect_summary(cfg: ICMILConfig, run_dir: Path, run_folder: Path, tracking
     summary.registration = dict(data.get("registration", {}))
     if summary.registration.get("model"):
         summary.registration["champion"] = _champion_version(cfg, str(summary.registration["model"]))
-    # The run-folder contract (docs/architecture.md): RUN/summary.json and RUN/summary.csv.
-    for name in (SUMMARY_JSON, SUMMARY_CSV):
+    # The run-folder contract (docs/architecture.md): RUN/summary.json, summary.csv, summary.png.
+    for name in SUMMARY_FILES:
         src = found[-1].parent / name
         if src.is_file():
             with atomic_path(run_dir / name) as tmp:

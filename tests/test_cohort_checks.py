@@ -70,7 +70,10 @@ def test_couple_carves_a_val_split_from_train_and_trains(
     test_ids = set(resolved.loc[resolved["split"] == "test", "slide_id"])
     assert test_ids == set(official[official == "test"].index)  # the official test split is untouched
     assert (run / "round_0" / "metrics.json").is_file()
-    assert "val_auc" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val_auc" in out
+    # Tracked like `icmil run` by default: the embedded MLflow store in the run folder.
+    assert (run / "mlflow.db").is_file() and f"MLflow: sqlite:///{run.resolve() / 'mlflow.db'}" in out
 
 
 def _write(path: Path, rows: list[str]) -> Path:

@@ -9,14 +9,15 @@ that package counts as a dependency too.
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package name it is installed as.
 PACKAGES = {"icmil": "icmil", "components": "icmil_kfp.components", "pipelines": "icmil_kfp.pipelines"}
 # Cycles that exist today and are being removed elsewhere; each entry must still be a cycle (so it is deleted
-# from here once fixed). icmil.coupling's round driver calls the stages, which use coupling's algorithm modules.
-KNOWN_CYCLES = [frozenset({"icmil.coupling", "icmil.coupling.driver", "icmil.stages"})]
+# from here once fixed).
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:
@@ -142,3 +143,74 @@ def test_the_graph_sees_lazy_imports_and_no_tracker_type_checks() -> None:
     # Tracking (runs) never depends on the registry (models); the registry builds on tracking.
     tracking = {m for m in graph if m.startswith("icmil.tracking") and m != "icmil.tracking.slide_classifier"}
     assert not {t for m in tracking for t in graph[m] if t.startswith("icmil.registry")}
+
+
+# The package-level drawing in docs/architecture.md. The building blocks every package uses are left out of it,
+# and so is the old import path of the slide classifier that models registered before icmil.registry existed
+# still import (a one-line re-export of icmil.registry.slide_classifier).
+BASE = {
+    "icmil",
+    "icmil.config",
+    "icmil.errors",
+    "icmil.io",
+    "icmil.log",
+    "icmil.manifest",
+    "icmil.nested",
+    "icmil.redact",
+    "icmil.slide_ids",
+}
+COMPAT = {"icmil.tracking.slide_classifier"}
+DOC = ROOT / "docs" / "architecture.md"
+BEGIN, END = "<!-- import-graph: begin -->", "<!-- import-graph: end -->"
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``{package: the packages it imports}`` (icmil's subpackages and top-level modules, the two KFP
+    packages), without :data:`BASE` and :data:`COMPAT`."""
+    out: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if module in COMPAT or _package(module) in BASE:
+            continue
+        source = _package(module)
+        out.setdefault(source, set()).update(
+            _package(t) for t in targets if t not in COMPAT and _package(t) not in BASE | {source}
+        )
+    return out
+
+
+def draw(packages: dict[str, set[str]]) -> str:
+    """One line per package, dependencies before their users (a topological order; ties alphabetical)."""
+    done: list[str] = []
+    left = dict(packages)
+    while left:
+        ready = sorted(p for p, deps in left.items() if deps <= set(done))
+        assert ready, f"package-level import cycle among {sorted(left)}"
+        done += ready
+        for p in ready:
+            del left[p]
+    short = {p: p.removeprefix("icmil.") for p in done}
+    width = max(len(s) for s in short.values())
+    return "\n".join(
+        f"{short[p]:<{width}} -> {', '.join(short[d] for d in sorted(packages[p])) or '(building blocks only)'}"
+        for p in done
+    )
+
+
+def test_architecture_md_draws_the_package_graph_as_it_is() -> None:
+    drawing = draw(package_graph(import_graph(project_modules())))
+    block = f"{BEGIN}\n```text\n{drawing}\n```\n{END}"
+    text = DOC.read_text(encoding="utf-8")
+    start, end = text.find(BEGIN), text.find(END)
+    assert start >= 0 and end > start, f"{DOC} has no {BEGIN} ... {END} block"
+    current = text[start : end + len(END)]
+    if current != block and os.environ.get("ICMIL_UPDATE_DOCS") == "1":
+        DOC.write_text(text.replace(current, block), encoding="utf-8")
+        current = block
+    assert current == block, (
+        f"{DOC} draws an outdated import graph (ICMIL_UPDATE_DOCS=1 rewrites it):\n{drawing}"
+    )

@@ -1,4 +1,5 @@
-"""Stage functions and the round driver: markers, resume after a kill, one split, config guard, summary."""
+"""Stage functions and the local round driver: markers, resume after a kill, one split, config guard, summary,
+kept teachers."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from icmil import stages
 from icmil.config import apply_params
-from icmil.coupling import run_coupling
-from icmil.coupling.driver import config_conflicts, prepare_run
 from icmil.errors import ConfigError
+from icmil.rounds import config_conflicts, prepare_run, run_rounds
 from icmil.stages import _numeric, marker_path, read_marker
 from icmil.tracking.base import NullTracker
 from tests.coupling._cohort import copy_run, round0_run, tiny_config
@@ -61,19 +62,34 @@ class RecordingTracker:
     def parent(self) -> contextlib.AbstractContextManager[Any]:
         return NullTracker().parent()
 
+    def nested(self, run_id: str) -> RecordingTracker:
+        return self  # tuning trials: recorded as stages of this tracker
+
 
 @pytest.fixture(scope="module")
 def run0(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return round0_run(tmp_path_factory.mktemp("stages"))
 
 
-def test_resume_after_a_kill_repeats_no_finished_stage(run0: Path, tmp_path: Path) -> None:
+def test_resume_after_a_kill_repeats_no_finished_stage(
+    run0: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = copy_run(run0, tmp_path / "run")
     # selection=last: round 1 always has a new encoder to embed (a kept teacher would skip embedding).
     cfg = tiny_config(run, ["coupling.rounds=1", "coupling.selection=last"])
-    first = RecordingTracker(kill_at=("embed", 1))  # dies right after round 1's fine-tuning finished
+    embed = stages.embed_stage
+
+    def killed_embedding(cfg, manifest_csv, tiles, encoder, out, round_index, **kw):  # type: ignore[no-untyped-def]
+        if round_index == 1:
+            raise Killed("killed at the start of round 1's embedding")
+        return embed(cfg, manifest_csv, tiles, encoder, out, round_index, **kw)
+
+    # Dies right after round 1's fine-tuning finished (embedding is not tracked: it is content-addressed).
+    monkeypatch.setattr(stages, "embed_stage", killed_embedding)
+    first = RecordingTracker()
     with pytest.raises(Killed):
-        run_coupling(cfg, tracker=first)
+        run_rounds(cfg, tracker=first)
+    monkeypatch.setattr(stages, "embed_stage", embed)
     # Round 0 was already finished in the copied folder: only the fine-tuning ran before the kill.
     assert first.opened == [("finetune", 1)]
     ft_marker = marker_path(run / "round_1" / "encoder")
@@ -86,13 +102,13 @@ def test_resume_after_a_kill_repeats_no_finished_stage(run0: Path, tmp_path: Pat
     stamp = ft_marker.stat().st_mtime_ns
 
     second = RecordingTracker()
-    summary = run_coupling(cfg, tracker=second)
-    assert second.opened == [("embed", 1), ("train", 1), ("evaluate", 1)]
+    summary = run_rounds(cfg, tracker=second)
+    assert second.opened == [("train", 1), ("evaluate", 1)]  # the tracked stages still to do
     assert ft_marker.stat().st_mtime_ns == stamp  # the fine-tuned encoder was not recomputed
     assert list(summary["round"]) == [0, 1]
 
     third = RecordingTracker()
-    run_coupling(cfg, tracker=third)
+    run_rounds(cfg, tracker=third)
     assert third.opened == []  # everything finished: nothing reruns
 
     # Round 1 used round 0's encoder as its teacher and wrote a different (or identical, if step 0 won) one.
@@ -101,10 +117,14 @@ def test_resume_after_a_kill_repeats_no_finished_stage(run0: Path, tmp_path: Pat
     assert read_marker(ft_marker)["teacher_encoder_digest"] == r0["encoder_digest"]  # type: ignore[index]
     assert ft["n_train_slides"] == int((pd.read_csv(run / "manifest.csv")["split"] == "train").sum())
 
-    # Summary table, JSON and plot.
+    # Summary table, JSON and plot: the pipeline's format ({rounds, evaluation, registration}).
     table = pd.read_csv(run / "summary.csv")
     assert list(table["round"]) == [0, 1] and table["test_auc"].notna().all()
-    assert json.loads((run / "summary.json").read_text())[1]["round"] == 1
+    written = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in written["rounds"]] == [0, 1] and written["evaluation"] == written["rounds"][
+        -1
+    ]
+    assert written["registration"] == {} and written["rounds_planned"] == 1
     assert (run / "summary.png").stat().st_size > 1000
     for k in (0, 1):
         metrics = json.loads((run / f"round_{k}" / "metrics.json").read_text())
@@ -172,7 +192,7 @@ def test_a_round_that_keeps_its_teacher_reuses_the_previous_round_and_stops(
     monkeypatch.setattr(ft, "score_cv", fake_cv)
     cfg = tiny_config(run, ["coupling.rounds=3", "coupling.selection=cv"])
     tracker = RecordingTracker()
-    summary = run_coupling(cfg, tracker=tracker)
+    summary = run_rounds(cfg, tracker=tracker)
     # Round 1 fine-tuned, kept the teacher, and neither re-embedded nor retrained; rounds 2-3 did not run.
     assert tracker.opened == [("finetune", 1), ("evaluate", 1)]
     assert not (run / "round_1" / "features").exists() and not (run / "round_1" / "head").exists()
@@ -181,10 +201,55 @@ def test_a_round_that_keeps_its_teacher_reuses_the_previous_round_and_stops(
     r1 = json.loads((run / "round_1" / "metrics.json").read_text())
     assert r1["teacher_kept"] and r1["reused_from_round"] == 0 and r1["test_auc"] == r0["test_auc"]
     assert not (run / "round_2").exists()
+    # The round stands for round 0 everywhere: its metrics, its predictions (a link), the summary.
+    assert (run / "round_1" / "predictions.csv").read_bytes() == (
+        run / "round_0" / "predictions.csv"
+    ).read_bytes()
+    rows = json.loads((run / "summary.json").read_text())["rounds"]
+    assert rows[1]["teacher_kept"] and rows[1]["reused_from_round"] == 0 and not rows[0]["teacher_kept"]
+    from icmil.report import write_run_report
 
-    # Forcing the rounds runs round 2 with round 0's head and features as its teacher's view.
+    page = write_run_report(run, max_viewer_slides=0).read_text(encoding="utf-8")
+    assert "teacher kept: round 0&#x27;s model" in page and "rounds 2–3 were not run" in page
+    assert ("evaluate", 1, {"teacher_kept": 1.0}) in [
+        (n, r, {k: v for k, v in m.items() if k == "teacher_kept"}) for n, r, m in tracker.metrics
+    ]
+
+    # Forcing the rounds runs round 2; its teacher is round 1's encoder (the teacher's weights) with the head
+    # and features of round 0, the model round that round 1 stands for.
+    teachers: list[tuple[str, str, str]] = []
+    finetune = stages.finetune_stage
+
+    def recording_finetune(cfg, manifest_csv, tiles, encoder, head, features, *rest, **kw):  # type: ignore[no-untyped-def]
+        teachers.append((Path(encoder).parent.name, Path(head).parent.name, Path(features).parent.name))
+        return finetune(cfg, manifest_csv, tiles, encoder, head, features, *rest, **kw)
+
+    monkeypatch.setattr(stages, "finetune_stage", recording_finetune)
     scores = iter([(0.9, 0.3)] + [(0.95, 0.2)] * 20)
     forced = tiny_config(run, ["coupling.rounds=2", "coupling.selection=cv", "coupling.force_rounds=true"])
-    summary = run_coupling(forced, tracker=RecordingTracker())
+    summary = run_rounds(forced, tracker=RecordingTracker())
     assert list(summary["round"]) == [0, 1, 2] and not summary.set_index("round").loc[2, "teacher_kept"]
     assert (run / "round_2" / "features").is_dir()
+    assert teachers[-1] == ("round_1", "round_0", "round_0")
+
+
+def test_couple_tunes_each_round_when_tuning_is_enabled(tmp_path: Path) -> None:
+    """tuning.enabled: the local driver runs the round's study before training (as the pipeline does) and the
+    round's head is trained with the best settings; a rerun does not tune again."""
+    cfg = tiny_config(
+        tmp_path / "run",
+        ["coupling.rounds=0", "tuning.enabled=true", "tuning.n_trials=2", "tuning.epochs=2", "mil.epochs=2"],
+    )
+    tracker = RecordingTracker()
+    summary = run_rounds(cfg, tracker=tracker)
+    assert list(summary["round"]) == [0]
+    assert tracker.opened[0] == ("tune", 0) and ("train", 0) in tracker.opened
+    assert tracker.opened.index(("train", 0)) > max(i for i, s in enumerate(tracker.opened) if s[0] == "tune")
+    tune = tmp_path / "run" / "round_0" / "tune"
+    best = json.loads((tune / "best_params.json").read_text())
+    assert read_marker(tune / "stage.json")["best_params"] == best["params"]  # type: ignore[index]
+    trained = read_marker(tmp_path / "run" / "round_0" / "head" / "stage.json")
+    assert trained is not None and trained["params"] == best["params"]
+    again = RecordingTracker()
+    run_rounds(cfg, tracker=again)
+    assert again.opened == []

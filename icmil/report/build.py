@@ -136,7 +136,7 @@ def _decision_section(reg: Mapping[str, Any]) -> str:
     return f'{head}<table class="kv">{rows}</table>'
 
 
-def _rounds_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def _rounds_table(rows: Sequence[Mapping[str, Any]], rounds_planned: int | None = None) -> str:
     if not rows:
         return '<p class="muted">No finished round yet.</p>'
     cols = [(k, label) for k, label in TABLE_COLUMNS if any(k in r for r in rows)]
@@ -144,7 +144,12 @@ def _rounds_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = []
     for r in rows:
         kept = teacher_kept(r)
-        note = "teacher kept" if kept else ""
+        reused = r.get("reused_from_round")
+        note = (
+            ("teacher kept" + (f": round {_fmt(reused)}'s model" if reused is not None else ""))
+            if kept
+            else ""
+        )
         cells = "".join(f"<td>{_e(_fmt(r.get(k)))}</td>" for k, _ in cols)
         cls = ' class="kept"' if kept else ""
         body.append(f'<tr{cls} data-round="{_e(r.get("round"))}">{cells}<td>{_e(note)}</td></tr>')
@@ -153,6 +158,12 @@ def _rounds_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "(selected step 0), so this round's encoder is the previous round's. All metrics: "
         "<code>summary.csv</code>.</p>"
     )
+    last = int(rows[-1].get("round", 0))
+    if rounds_planned is not None and last < rounds_planned and teacher_kept(rows[-1]):
+        legend += (
+            f'<p class="muted">Converged: round {last} kept its teacher, so rounds {last + 1}–{rounds_planned} '
+            "were not run (<code>coupling.force_rounds=true</code> runs them).</p>"
+        )
     return f'<table id="rounds" class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>{legend}'
 
 
@@ -592,7 +603,11 @@ def write_run_report(
                 "Promotion decision",
                 _safe("decision", lambda: _decision_section(contents.registration)),
             ),
-            ("rounds", "Metrics by round", _safe("table", lambda: _rounds_table(contents.rounds))),
+            (
+                "rounds",
+                "Metrics by round",
+                _safe("table", lambda: _rounds_table(contents.rounds, contents.rounds_planned)),
+            ),
             ("viewer", "Zoomable slide and heatmap", _viewer_section(viewer_slides)),
             ("gallery", "Heatmap gallery", gallery or _unavailable("heatmaps")),
             (

@@ -1,9 +1,9 @@
 """Read what a finished (or partly finished) run left in its folder, for the report.
 
-Two layouts hold the same things: ``icmil couple`` writes ``RUN/round_k/{encoder,features,head}`` and
-``RUN/summary.json`` (a list of rows); ``icmil run`` writes every task's outputs under ``RUN/kfp/<pipeline
-run>/<task>/<output>`` (indexed in ``RUN/outputs.json``) and ``RUN/summary.json`` as ``{rounds, evaluation,
-registration}``. Each stage leaves a ``stage*.json`` marker naming its stage and round, which is how outputs
+Two layouts hold the same things: ``icmil couple`` writes ``RUN/round_k/{encoder,features,head}``; ``icmil run``
+writes every task's outputs under ``RUN/kfp/<pipeline run>/<task>/<output>`` (indexed in ``RUN/outputs.json``).
+Both write ``RUN/summary.json`` as ``{rounds, evaluation, registration, rounds_planned}``; runs made by
+``icmil couple`` before it shared that format hold a list of rows, which is read too. Each stage leaves a ``stage*.json`` marker naming its stage and round, which is how outputs
 are matched to rounds here, whatever the task names.
 
 Example:
@@ -44,6 +44,7 @@ class RunContents:
     tuning: dict[int, Path] = field(default_factory=dict)  # round -> folder with best_params.json + plots
     manifest: Path | None = None
     config: Path | None = None
+    rounds_planned: int | None = None  # coupling.rounds of the run (summary.json); None when not recorded
     pipeline_dir: Path | None = None  # icmil run: RUN/kfp/<pipeline run>
 
     @property
@@ -66,11 +67,15 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _summary(run: Path) -> Any:
+    summary = run / "summary.json"
+    return _json(summary) if summary.is_file() else None
+
+
 def _rows(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(per-round rows, registration) from summary.json (either layout), else summary.csv, else
     round_k/metrics.json."""
-    summary = run / "summary.json"
-    data = _json(summary) if summary.is_file() else None
+    data = _summary(run)
     rows: list[dict[str, Any]] = []
     registration: dict[str, Any] = {}
     if isinstance(data, dict):
@@ -130,6 +135,9 @@ def collect_run(run_dir: str | os.PathLike[str]) -> RunContents:
         raise ConfigError(f"run folder not found: {run}")
     rows, registration = _rows(run)
     contents = RunContents(run_dir=run, rounds=rows, registration=registration)
+    summary = _summary(run)
+    if isinstance(summary, dict) and isinstance(summary.get("rounds_planned"), int):
+        contents.rounds_planned = int(summary["rounds_planned"])
     contents.config = run / "config.yaml" if (run / "config.yaml").is_file() else None
     contents.pipeline_dir = _pipeline_dir(run)
     roots = [contents.pipeline_dir] if contents.pipeline_dir else [p for p in sorted(run.glob("round_*"))]
@@ -152,9 +160,11 @@ def collect_run(run_dir: str | os.PathLike[str]) -> RunContents:
             contents.tuning.setdefault(int(_number(data["round"])), best.parent)
     if not registration:
         contents.registration = _decision(run, contents.pipeline_dir)
+    from icmil.cohort import MANIFEST_NAME
+
     for candidate in (
-        run / "manifest.csv",
-        *(sorted(contents.pipeline_dir.glob("*/cohort/manifest.csv")) if contents.pipeline_dir else []),
+        run / MANIFEST_NAME,
+        *(sorted(contents.pipeline_dir.glob(f"*/cohort/{MANIFEST_NAME}")) if contents.pipeline_dir else []),
     ):
         if candidate.is_file():
             contents.manifest = candidate

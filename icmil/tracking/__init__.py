@@ -3,7 +3,8 @@
 * :mod:`~icmil.tracking.base` — :class:`StageTracker` / :class:`StageRun` (what a stage may log) and
   :class:`NullTracker`.
 * :mod:`~icmil.tracking.mlflow_tracker` — :class:`MlflowTracker`: one parent run per pipeline run, a child run
-  per round and stage, outage spooling; ``start_parent_run`` / ``end_parent_run`` / ``tracker_for``.
+  per round and stage, outage spooling; ``start_parent_run`` / ``end_parent_run`` / ``tracker_for``, and
+  ``parent_run`` (both ends in one process, for ``icmil couple``).
 * :mod:`~icmil.tracking.uris` and :mod:`~icmil.tracking.retry` — where the stores are, and the retry budget.
 
 The registered model, its versions and the promotion gate are :mod:`icmil.registry`, which builds on this
@@ -25,6 +26,7 @@ from icmil.tracking.base import NullTracker, StageRun, StageTracker
 from icmil.tracking.mlflow_tracker import (
     MlflowTracker,
     end_parent_run,
+    parent_run,
     start_parent_run,
     tracker_for,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "StageRun",
     "StageTracker",
     "end_parent_run",
+    "parent_run",
     "redact_uri",
     "resolve_registry_uri",
     "resolve_tracking_uri",

@@ -515,11 +515,12 @@ def start_parent_run(
     manifest_digest: str | None = None,
     encoder_digest: str | None = None,
     resume: bool = True,
+    run_key: str | None = None,
 ) -> str:
     """Create (or, with ``resume``, reuse) the parent run of one pipeline run; return its id.
 
-    The run key is the KFP run id when given, else the run folder + config digest, so rerunning the same
-    ``icmil run`` resumes into the same tree. Logs the resolved config as flat redacted params and as
+    The run key is ``run_key`` when given (``icmil couple``: its run folder), else the KFP run id, else the run
+    folder + config digest, so rerunning the same ``icmil run`` resumes into the same tree. Logs the resolved config as flat redacted params and as
     ``config.yaml``; tags the git commit, KFP run id and the manifest / encoder digests when known.
 
     Example:
@@ -535,7 +536,7 @@ def start_parent_run(
     policy = RetryPolicy.from_config(cfg.tracking)
     client = _client(tracking_uri)
     where = redact_uri(tracking_uri)
-    run_key = kfp_run_id or text_digest(str(Path(cfg.run_dir).resolve()), cfg.digest())
+    run_key = run_key or kfp_run_id or text_digest(str(Path(cfg.run_dir).resolve()), cfg.digest())
     all_tags = {
         TAG_RUN_KEY: run_key,
         TAG_CONFIG_DIGEST: cfg.digest(),
@@ -599,6 +600,30 @@ def end_parent_run(cfg: ICMILConfig, parent_run_id: str, status: str = "FINISHED
     RetryPolicy.from_config(cfg.tracking).call(
         lambda: client.set_terminated(parent_run_id, status), f"end parent run at {redact_uri(tracking_uri)}"
     )
+
+
+@contextlib.contextmanager
+def parent_run(
+    cfg: ICMILConfig, run_name: str, run_key: str, tags: Mapping[str, str] | None = None
+) -> Iterator[StageTracker]:
+    """A parent run for one process (``icmil couple``): start or resume it (by ``run_key``), yield the tracker
+    of its child runs, end it FINISHED - or FAILED (KILLED on Ctrl-C) when the block raises.
+
+    Example:
+        >>> with parent_run(cfg, "couple demo", run_key="demo") as tracker:  # doctest: +SKIP
+        ...     run_rounds(cfg, tracker)
+    """
+    run_id = start_parent_run(cfg, run_name=run_name, tags=tags, run_key=run_key)
+    try:
+        yield tracker_for(cfg, run_id)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            end_parent_run(cfg, run_id, status=status)
+        except TrackingError as tracking_err:  # the stage's own error matters more
+            log.error("could not mark parent run %s %s: %s", run_id, status, tracking_err)
+        raise
+    end_parent_run(cfg, run_id)
 
 
 def tracker_for(cfg: ICMILConfig, parent_run_id: str | None) -> StageTracker:

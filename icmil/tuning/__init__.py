@@ -2,7 +2,8 @@
 
 Public API (small private modules behind these exports):
 
-- :func:`tune_round` — the whole round in one process (``icmil tune``); returns :class:`TuneResult`.
+- :func:`tune_round` — the whole round in one process (``icmil tune``); returns :class:`TuneResult`;
+  :func:`tune_stage` is the same as a resumable stage with a marker (``icmil couple``).
 - :func:`prepare_tuning`, :func:`run_tuning_worker`, :func:`finish_tuning` — the same split over pipeline
   tasks: one prepare, a ParallelFor of GPU workers sharing the study (PostgreSQL), one finish.
 - :func:`create_study`, :func:`study_name_for`, :func:`best_params_of`, :func:`trial_counts`.
@@ -19,7 +20,7 @@ Example:
     >>> train_cfg = apply_params(cfg, load_best_params("runs/demo/round_0/tune"))        # doctest: +SKIP
 """
 
-from icmil.tuning.driver import TuneResult, finish_tuning, prepare_tuning, tune_round
+from icmil.tuning.driver import TuneResult, finish_tuning, prepare_tuning, tune_round, tune_stage
 from icmil.tuning.report import BEST_PARAMS_FILE, load_best_params
 from icmil.tuning.space import apply_params, validate_space
 from icmil.tuning.storage import resolve_storage
@@ -41,5 +42,6 @@ __all__ = [
     "study_name_for",
     "trial_counts",
     "tune_round",
+    "tune_stage",
     "validate_space",
 ]

@@ -1,7 +1,7 @@
 """A round's tuning from start to end: prepare the study, run worker(s), write and log the result.
 
-Local (``icmil tune``, the round driver): :func:`tune_round` does all three in one process. Pipeline: a
-``prepare`` task (:func:`prepare_tuning`), a ``ParallelFor`` of GPU tasks each running
+Local (``icmil tune``; ``icmil couple`` through :func:`tune_stage`): :func:`tune_round` does all three in one
+process. Pipeline: a ``prepare`` task (:func:`prepare_tuning`), a ``ParallelFor`` of GPU tasks each running
 :func:`~icmil.tuning.worker.run_tuning_worker` on the same study (PostgreSQL storage), then a ``finish`` task
 (:func:`finish_tuning`) whose ``best_params.json`` feeds the round's training step. Several ``icmil tune``
 processes started on one study name and one PostgreSQL storage cooperate the same way.
@@ -242,3 +242,37 @@ def tune_round(
         encoder_dir=encoder_dir,
     )
     return finish_tuning(cfg, out_dir, name, round_index, storage=storage, tracker=tracker)
+
+
+def tune_stage(
+    cfg: ICMILConfig,
+    manifest_csv: str | os.PathLike[str],
+    features_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    round_index: int,
+    tracker: StageTracker | None = None,
+) -> dict[str, Any]:
+    """Round ``round_index``'s bag-head study as a resumable stage (``icmil couple`` with ``tuning.enabled``):
+    :func:`tune_round` into ``out_dir``, finished when its marker ``out_dir/stage.json`` exists (a finished
+    study is not rerun). Returns the marker's record; ``best_params`` feed the round's training stage.
+
+    The pipeline runs the same study as three tasks (prepare, a ParallelFor of workers, finish) instead.
+    """
+    import time
+
+    from icmil.stages import finished_result, marker_path, write_marker
+
+    marker = marker_path(out_dir)
+    if (done := finished_result(marker, TUNE_STAGE, round_index)) is not None:
+        return done
+    t0 = time.perf_counter()
+    result = tune_round(cfg, manifest_csv, features_dir, out_dir, round_index, tracker=tracker)
+    record = {
+        "study": result.study_name,
+        "best_params": result.best_params,
+        "best_value": result.best_value,
+        "n_complete": result.n_complete,
+        "n_pruned": result.n_pruned,
+        "n_failed": result.n_failed,
+    }
+    return write_marker(marker, TUNE_STAGE, round_index, cfg, record, t0)

@@ -47,17 +47,14 @@ def tiny_config(run_dir: Path, extra: Sequence[str] = ()) -> ICMILConfig:
 
 def round0_run(root: Path, extra: Sequence[str] = ()) -> Path:
     """A run folder with the cohort, tiles and a finished round 0 (built once per settings, then copied)."""
-    from icmil.coupling.driver import prepare_run, run_round
-    from icmil.stages import tile_stage
-    from icmil.tracking.base import NullTracker
+    from icmil.rounds import LocalRun
 
     key = tuple(extra)
     if key not in _BUILT:
         base = root / f"round0-{len(_BUILT)}"
-        cfg = tiny_config(base, [*extra, "coupling.rounds=0"])
-        manifest_csv, lesions = prepare_run(cfg)
-        tile_stage(cfg, manifest_csv, base / "tiles")
-        run_round(cfg, base, manifest_csv, 0, NullTracker(), lesions)
+        run = LocalRun(tiny_config(base, [*extra, "coupling.rounds=0"]))
+        run.tile()
+        run.round(0)
         _BUILT[key] = base
     return _BUILT[key]
 

@@ -18,6 +18,9 @@ class Task:
     caching: bool
     upstream: set[str] = field(default_factory=set)  # display names of leaf tasks it waits for
     groups: list[str] = field(default_factory=list)  # enclosing groups, outermost first
+    # input artifact name -> display names of the leaf tasks that produce it (followed through the groups it
+    # enters and the loops it is collected from)
+    artifacts: dict[str, set[str]] = field(default_factory=dict)
 
 
 def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -40,7 +43,30 @@ def leaf_tasks(spec: dict[str, Any]) -> dict[str, list[Task]]:
             names |= leaves_of(t["componentRef"]["name"]) if "dag" in sub else {t["taskInfo"]["name"]}
         return names
 
-    def walk(dag: dict[str, Any], inherited: set[str], groups: list[str]) -> None:
+    def producers(dag: dict[str, Any], task_key: str, output_key: str) -> set[str]:
+        t = dag["tasks"][task_key]
+        comp = components[t["componentRef"]["name"]]
+        if "dag" not in comp:
+            return {t["taskInfo"]["name"]}
+        selectors = comp["dag"]["outputs"]["artifacts"][output_key]["artifactSelectors"]
+        return set().union(
+            *(producers(comp["dag"], sel["producerSubtask"], sel["outputArtifactKey"]) for sel in selectors)
+        )
+
+    def sources(dag: dict[str, Any], t: dict[str, Any], env: dict[str, set[str]]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for name, ref in t.get("inputs", {}).get("artifacts", {}).items():
+            if "taskOutputArtifact" in ref:
+                out = ref["taskOutputArtifact"]
+                found[name] = producers(dag, out["producerTask"], out["outputArtifactKey"])
+            elif "componentInputArtifact" in ref:
+                found[name] = env.get(ref["componentInputArtifact"], set())
+        return found
+
+    def walk(
+        dag: dict[str, Any], inherited: set[str], groups: list[str], env: dict[str, set[str]] | None = None
+    ) -> None:
+        env = env or {}
         tasks = dag["tasks"]
         for internal, t in tasks.items():
             ref = t["componentRef"]["name"]
@@ -60,7 +86,7 @@ def leaf_tasks(spec: dict[str, Any]) -> dict[str, list[Task]]:
                 }
             name = t["taskInfo"]["name"]
             if "dag" in comp:
-                walk(comp["dag"], ups, [*groups, name])
+                walk(comp["dag"], ups, [*groups, name], sources(dag, t, env))
             else:
                 out[name].append(
                     Task(
@@ -70,6 +96,7 @@ def leaf_tasks(spec: dict[str, Any]) -> dict[str, list[Task]]:
                         caching=bool(t.get("cachingOptions", {}).get("enableCache", False)),
                         upstream=ups,
                         groups=groups,
+                        artifacts=sources(dag, t, env),
                     )
                 )
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from icmil.cohort import Shard, merge_shard_dirs, prepare_cohort, shard_manifest, slide_fingerprint
+from icmil.cohort import (
+    Shard,
+    cohort_lesions,
+    merge_shard_dirs,
+    prepare_cohort,
+    shard_manifest,
+    slide_fingerprint,
+)
 from icmil.config import load_config
 from icmil.errors import ManifestError
 from icmil.manifest import read_manifest
@@ -58,6 +65,23 @@ def test_prepare_resolves_splits_once_and_balances_shards(tmp_path: Path) -> Non
     assert prepare_cohort(cfg, tmp_path / "cohort3", n_shards=3).manifest_digest != cohort.manifest_digest
 
 
+def test_a_manifests_lesion_boxes_travel_with_the_cohort(tmp_path: Path) -> None:
+    """lesions.json beside a user's manifest is copied into the cohort folder, so the pipeline's train and
+    evaluate tasks (which only see the cohort artifact) score patch-level AUCs as ``icmil couple`` does."""
+    manifest = _manifest(tmp_path)
+    cfg = load_config(
+        None, [f"manifest={manifest}", "classes=[normal, tumor]", "tiling.max_failed_fraction=0.2"]
+    )
+    assert (
+        prepare_cohort(cfg, tmp_path / "without", n_shards=2) and cohort_lesions(tmp_path / "without") is None
+    )
+    boxes = {"s1": [[0, 0, 64, 64]], "s0": []}
+    (tmp_path / "lesions.json").write_text(json.dumps(boxes))
+    prepare_cohort(cfg, tmp_path / "cohort", n_shards=2)
+    copied = cohort_lesions(tmp_path / "cohort")
+    assert copied == tmp_path / "cohort" / "lesions.json" and json.loads(copied.read_text()) == boxes
+
+
 def test_prepare_never_makes_more_shards_than_slides(tmp_path: Path) -> None:
     cfg = load_config(
         None,
@@ -87,7 +111,7 @@ def test_synthetic_cohort_folder_is_portable(tmp_path: Path) -> None:
     shard = read_manifest(csv, partial=True)
     assert sorted(shard.slides["slide_id"]) == cohort.shards[0].slide_ids
     assert all(Path(p).is_file() and str(moved) in p for p in shard.slides["path"])
-    assert rt.cohort_lesions(str(moved)) == str(moved / "synth" / "lesions.json")
+    assert cohort_lesions(moved) == moved / "synth" / "lesions.json"
 
 
 def test_shard_json_roundtrip_and_errors(tmp_path: Path) -> None:

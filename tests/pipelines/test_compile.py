@@ -13,6 +13,7 @@ import yaml
 
 from icmil.config import ICMILConfig, config_from_yaml, load_config
 from icmil.errors import ConfigError
+from icmil.rounds.wiring import COHORT, ENCODER, TILES, Lineage, kept_round, round_start, trained_round
 from icmil_kfp.pipelines.icmil_pipeline import stage_config
 from icmil_kfp.pipelines.runner import compile_pipeline
 from tests.pipelines import kfp_yaml
@@ -69,7 +70,7 @@ def compile_cfg(
     return _CACHE[key]
 
 
-def expected_names(rounds: int, tuning: bool = False) -> set[str]:
+def expected_names(rounds: int, tuning: bool = False, force: bool = False) -> set[str]:
     names = {
         "open-run",
         "prepare",
@@ -85,41 +86,115 @@ def expected_names(rounds: int, tuning: bool = False) -> set[str]:
     for r in range(rounds + 1):
         names |= {f"train-head-r{r}", f"evaluate-r{r}"}
         if r:
-            names |= {f"finetune-r{r}", f"embed-r{r}"}
+            names |= {f"finetune-r{r}", f"embed-r{r}", f"keep-teacher-r{r}"}
         if tuning:
             names |= {f"tune-prepare-r{r}", f"merge-features-r{r}", f"tune-worker-r{r}", f"tune-finish-r{r}"}
+        elif force and r + 2 <= rounds:
+            names.add(f"merge-features-r{r}")  # stage 2 behind a kept teacher reads them as one artifact
     return names
 
 
-@pytest.mark.parametrize("overrides", [R1, FULL], ids=["rounds1", "rounds2-tuned-calibrated"])
-def test_rounds_unroll_into_the_expected_task_graph(out_dir: Path, overrides: tuple[str, ...]) -> None:
-    rounds, tuning = (1, False) if overrides == R1 else (2, True)
+# Two rounds, every one forced: a kept teacher's branch goes on to the next round.
+FORCED = ("coupling.rounds=2", "coupling.force_rounds=true")
+CASES = {"rounds1": (R1, 1, False, False), "rounds2-tuned-calibrated": (FULL, 2, True, False)}
+CASES["rounds2-forced"] = (FORCED, 2, False, True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rounds_unroll_into_the_expected_task_graph(out_dir: Path, case: str) -> None:
+    overrides, rounds, tuning, force = CASES[case]
     spec, _, _ = compile_cfg(out_dir, overrides)
     tasks = kfp_yaml.leaf_tasks(spec)
-    assert set(tasks) == expected_names(rounds, tuning)
-    up = {name: ts[0].upstream for name, ts in tasks.items()}
-    # Round-0 embedding waits for its shard's tiles, or (BatchNorm calibration) for all tiles and the encoder.
-    first_tiles = {"tile"} if overrides == R1 else {"merge-tiles"}
-    assert {"prepare", "encoder-r0"} | first_tiles <= up["embed-r0"]
-    assert "tile" in up["merge-tiles"]
-    for r in range(1, rounds + 1):
-        # Stage 2 of round r: teacher = round r-1's head + encoder; then re-embed and retrain.
-        assert {f"train-head-r{r - 1}", "merge-tiles"} <= up[f"finetune-r{r}"]
-        assert (f"finetune-r{r - 1}" if r > 1 else "encoder-r0") in up[f"finetune-r{r}"]
-        assert f"finetune-r{r}" in up[f"embed-r{r}"]
-        assert f"embed-r{r}" in up[f"train-head-r{r}"]
-        assert f"embed-r{r - 1}" not in up[f"train-head-r{r}"]
-        assert {f"train-head-r{r}", f"evaluate-r{r - 1}"} <= up[f"evaluate-r{r}"]
-    last = f"r{rounds}"
-    assert {f"train-head-{last}", f"evaluate-{last}", f"finetune-{last}", "open-run"} <= up["register"]
-    assert "register" in up["promote"] and "challenger-wins" in tasks["promote"][0].groups
-    assert "register" in up["report"]
+    assert set(tasks) == expected_names(rounds, tuning, force)
+    # Each path through the "teacher kept?" conditions has its own end: K+1 of them, 2^K when forced.
+    ends = 2**rounds if force else rounds + 1
+    assert len(tasks["register"]) == len(tasks["report"]) == len(tasks["promote"]) == ends
+    for register in tasks["register"]:
+        assert "open-run" in register.upstream
+    # A kept teacher ends its branch (converged) unless every round is forced.
+    for name, copies in tasks.items():
+        for task in copies:
+            kept = [g for g in task.groups if g.startswith("teacher-kept-r")]
+            if kept and not force:
+                k = int(kept[-1].rsplit("r", 1)[1])
+                assert name in {f"keep-teacher-r{k}", "register", "promote", "report"}, (name, task.groups)
+    # Stage 2's outcome is the condition: finetune-rk decides both branches of round k.
+    for k in range(1, rounds + 1):
+        for keep in tasks[f"keep-teacher-r{k}"]:
+            assert f"teacher-kept-r{k}" in keep.groups and f"finetune-r{k}" in keep.upstream
+        for train in tasks[f"train-head-r{k}"]:
+            assert f"student-wins-r{k}" in train.groups and f"finetune-r{k}" in train.upstream
     # The exit handler closes the MLflow parent run after everything else.
-    assert expected_names(rounds, tuning) - {"close-run"} <= up["close-run"]
+    assert expected_names(rounds, tuning, force) - {"close-run"} <= tasks["close-run"][0].upstream
     # The shard loops: one tile + embed per shard, fanned out over prepare's shard list.
     assert tasks["tile"][0].groups[-1] == "shards-r0"
-    assert tasks["embed-r0"][0].groups[-1] == ("shards-r0" if overrides == R1 else "shards-embed-r0")
-    assert tasks[f"embed-r{rounds}"][0].groups[-1] == f"shards-r{rounds}"
+    fused = load_config(None, list(overrides)).coupling.initial_bn_calibration == 0
+    assert tasks["embed-r0"][0].groups[-1] == ("shards-r0" if fused else "shards-embed-r0")
+    assert all(t.groups[-1] == f"shards-r{rounds}" for t in tasks[f"embed-r{rounds}"])
+
+
+# What a wiring stage's task is called, and which task input carries a wiring argument where the names differ.
+TASK_OF = {
+    "encoder": "encoder-r{k}",
+    "finetune": "finetune-r{k}",
+    "embed": "embed-r{k}",
+    "tune": "tune-finish-r{k}",
+    "train": "train-head-r{k}",
+    "evaluate": "evaluate-r{k}",
+    "keep-teacher": "keep-teacher-r{k}",
+}
+STAGE_OF = {v.split("-r{")[0]: k for k, v in TASK_OF.items() if k != "tune"}
+ARGUMENT = {
+    ("finetune", "encoder"): "previous_encoder",
+    ("evaluate", "finetune"): "encoder",
+    ("keep-teacher", "finetune"): "encoder",
+    ("keep-teacher", "evaluation"): "model_evaluation",
+}
+
+
+def _wired_producers(cfg: ICMILConfig, stage_name: str, k: int, kept: dict[int, bool]) -> dict[str, str]:
+    """Which task the round wiring says makes each input of ``stage_name`` in round ``k``, on the path through
+    the conditions where rounds ``kept`` kept their teacher: the wiring replayed with task names for outputs."""
+    lineage: Lineage[str] = Lineage({COHORT: "prepare", TILES: "merge-tiles"})
+    for j in range(k + 1):
+        lineage.add(j, ENCODER, TASK_OF["finetune" if j else "encoder"].format(k=j))
+        stages = kept_round(j) if kept.get(j) else trained_round(cfg, j)
+        for stage in stages:
+            lineage.add(j, stage.output, TASK_OF[stage.name].format(k=j))
+        if j < k:
+            lineage.close_round(j, bool(kept.get(j)))
+    wired = {s.name: s for s in (round_start(cfg, k), *trained_round(cfg, k), *(kept_round(k) if k else ()))}
+    return {arg: lineage.resolve(use, k) for arg, use in wired[stage_name].uses}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_task_reads_what_the_round_wiring_says(out_dir: Path, case: str) -> None:
+    """Each round's task takes each input from the task the wiring (icmil.rounds.wiring) names - the same
+    wiring ``icmil couple`` runs - including the model round behind a kept teacher, on every path."""
+    overrides = CASES[case][0]
+    cfg = load_config(None, list(overrides))
+    spec, _, _ = compile_cfg(out_dir, overrides)
+    checked = 0
+    for name, copies in kfp_yaml.leaf_tasks(spec).items():
+        match = re.fullmatch(r"(.+)-r(\d+)", name)
+        if not match or match[1] not in STAGE_OF:
+            continue
+        stage, k = STAGE_OF[match[1]], int(match[2])
+        for task in copies:
+            kept = {
+                int(m[2]): m[1] == "teacher-kept"
+                for g in task.groups
+                if (m := re.fullmatch(r"(student-wins|teacher-kept)-r(\d+)", g))
+            }
+            for arg, producer in _wired_producers(cfg, stage, k, kept).items():
+                key = ARGUMENT.get((stage, arg), arg)
+                if arg == "features" and "merged_features" in task.artifacts:
+                    key, producer = "merged_features", producer.replace("embed-", "merge-features-")
+                if stage == "embed" and arg == "tiles" and task.groups[-1] == "shards-r0":
+                    producer = "tile"  # round 0 embeds each shard inside the tile loop
+                assert task.artifacts.get(key) == {producer}, (name, task.groups, arg, task.artifacts)
+                checked += 1
+    assert checked >= 15  # (17 inputs in the one-round pipeline)
 
 
 def test_tuning_adds_a_study_per_round_with_parallel_workers(out_dir: Path) -> None:

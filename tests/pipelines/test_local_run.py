@@ -152,3 +152,95 @@ def test_report_of_the_pipeline_run(local_run: RunSummary) -> None:
     slides = re.search(r'id="slides-data" type="application/json">(.*?)</script>', page, re.S)
     assert slides and json.loads(slides.group(1))
     assert (local_run.run_dir / "report_files" / "openseadragon" / "openseadragon.min.js").is_file()
+
+
+def _tree(tracking_uri: str) -> tuple[set[str], dict[str, list[int]], dict[str, str]]:
+    """The shape of the one run tree in an MLflow store: child run names under the parent, the parent's
+    per-round metric series (name -> steps), and the tags of each round's evaluate run that mark kept teachers."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("icmil")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    series = {
+        name: [m.step for m in client.get_metric_history(parent.info.run_id, name)]
+        for name in parent.data.metrics
+        if name.startswith(("round_", "gain_"))
+    }
+    kept = {
+        r.info.run_name: r.data.tags.get("teacher_kept", "")
+        for r in children
+        if r.info.run_name.endswith("/evaluate")
+    }
+    return {r.info.run_name for r in children}, series, kept
+
+
+@pytest.mark.slow
+def test_couple_and_run_make_the_same_mlflow_run_tree(local_run: RunSummary, tmp_path: Path) -> None:
+    """`icmil couple` with tracking set records the run as `icmil run` does: one parent run, a child run per
+    round and tracked stage, the per-round summary on the parent (the pipeline adds its register run and the
+    gate's decision)."""
+    from icmil.rounds import couple
+
+    db = f"sqlite:///{tmp_path / 'couple.db'}"
+    cfg = load_config(None, [f"run_dir={tmp_path / 'couple'}", *TINY, f"tracking.tracking_uri={db}"])
+    table = couple(cfg)
+    assert list(table["round"]) == [r["round"] for r in local_run.rounds]
+    couple_children, couple_series, couple_kept = _tree(db)
+    run_children, run_series, run_kept = _tree(f"sqlite:///{local_run.run_dir / 'mlflow.db'}")
+    assert run_children - couple_children == {"register"}  # (the gate's decision goes on the parent run)
+    assert couple_children == run_children - {"register"}
+    assert run_series == couple_series
+    assert couple_kept == run_kept
+    assert "round_test_auc" in couple_series and couple_series["round_test_auc"] == [0, 1]
+
+
+# Stage 2 trains no encoder layer (coupling.train_blocks=0): every student's encoder is the teacher's, so none
+# can beat it and each round keeps its teacher - deterministically, whatever the data.
+KEPT = [*TINY, "coupling.rounds=2", "coupling.train_blocks=0", "coupling.force_rounds=true"]
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
+    run_dir = tmp_path_factory.mktemp("icmil-kept")
+    return run_local(load_config(None, [f"run_dir={run_dir}", *KEPT]), print_summary=False)
+
+
+@pytest.mark.slow
+def test_a_kept_teacher_neither_re_embeds_nor_retrains_in_the_pipeline(kept_run: RunSummary) -> None:
+    from mlflow import MlflowClient
+
+    rows = kept_run.rounds
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["teacher_kept"] for r in rows] == [False, True, True]
+    assert [r.get("reused_from_round") for r in rows] == [None, 0, 0]
+    for key in ("test_auc", "val_auc", "patch_auc_test"):
+        assert rows[1][key] == rows[2][key] == rows[0][key], key
+    assert rows[2]["finetune_best_step"] == 0
+    # Stage 2 ran in rounds 1 and 2 (forced: round 2's teacher view is round 0's merged features); nothing
+    # was embedded or trained after round 0. (Output keys are task folders: <task>/<output>.)
+    outputs = sorted(kept_run.outputs)
+    assert len([k for k in outputs if k.endswith("/features")]) == 2  # round 0's two shards
+    assert len([k for k in outputs if k.endswith("/head")]) == 1
+    assert len([k for k in outputs if k.startswith("finetune") and k.endswith("/encoder")]) == 2
+    assert len([k for k in outputs if k.startswith("keep-teacher")]) == 2
+    assert len([k for k in outputs if k.startswith("evaluate")]) == 1
+    # MLflow: the kept rounds' evaluate runs are marked; no train run after round 0; the parent has the series.
+    client = MlflowClient(tracking_uri=f"sqlite:///{kept_run.run_dir / 'mlflow.db'}")
+    children, series, kept = _tree(f"sqlite:///{kept_run.run_dir / 'mlflow.db'}")
+    assert {"round1/finetune", "round2/finetune", "round1/evaluate", "round2/evaluate"} <= children
+    assert not {"round1/train", "round2/train"} & children
+    assert kept == {"round0/evaluate": "", "round1/evaluate": "true", "round2/evaluate": "true"}
+    runs = client.search_runs([client.get_experiment_by_name("icmil").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    history = client.get_metric_history(parent.info.run_id, "round_teacher_kept")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0), (2, 1.0)]
+    # The registered model is round 0's head with the (unchanged) encoder; the report marks the kept rounds.
+    assert kept_run.registration["version"] == "1"
+    assert series["round_test_auc"] == [0, 1, 2]
+    from icmil.report import write_run_report
+
+    page = write_run_report(kept_run.run_dir).read_text(encoding="utf-8")
+    assert '<tr class="kept" data-round="1">' in page and '<tr class="kept" data-round="2">' in page

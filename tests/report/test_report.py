@@ -64,7 +64,7 @@ def reported(run0: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["couple", "--out", str(run), "--rounds", "0", *sets]) == 0
+        assert main(["couple", "--out", str(run), "--rounds", "0", "--no-tracking", *sets]) == 0
     assert f"report: {run / 'report.html'}" in out.getvalue()
     return run
 
