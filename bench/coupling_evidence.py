@@ -3,7 +3,7 @@
 One synthetic cohort (SynthConfig defaults unless overridden) is generated and tiled once. For every seed, the
 initial encoder (random tiny_cnn with BatchNorm statistics calibrated on training patches — a weak encoder; no
 pretrained weights exist here) and its round-0 features are made once and shared by the heads; then for every
-head, ``run_coupling`` runs rounds 0..K with the real stage functions. The seed sets the encoder init, the bag
+head, ``run_rounds`` runs rounds 0..K with the real stage functions. The seed sets the encoder init, the bag
 head init/order, the stage-2 sampling/augmentation. Everything resumes: rerunning continues where it stopped.
 
 Reported per head and round: slide-level test AUC and test cross-entropy, validation AUC, and the patch-level AUC
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from icmil.config import ICMILConfig, load_config
-from icmil.coupling import run_coupling
+from icmil.rounds import run_rounds
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "coupling.md"
 
@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # weights barely move at lr 1e-9; the student's BatchNorm statistics still follow the training patches).
     "random_teacher": ("coupling.random_teacher=true",),
     "bn_only": ("coupling.lr=1e-9",),
+    # The control for hard negatives: the slide labels' targets without what the teacher knows.
+    "hard_negatives_random_teacher": ("coupling.hard_negatives=true", "coupling.random_teacher=true"),
     # Control: no coupling, the round-0 head trained as long as the extra rounds cost (see LONG_ROUND0).
     "long_round0": (),
     # Diagnostics: the same fine-tuning without selection (the last student is kept).
@@ -118,7 +120,7 @@ def _config(
 
 
 def _share(src: Path, dst: Path, parts: tuple[str, ...]) -> None:
-    """Copy finished stage outputs of another run (same cohort/seed) so ``run_coupling`` skips them."""
+    """Copy finished stage outputs of another run (same cohort/seed) so ``run_rounds`` skips them."""
     dst.mkdir(parents=True, exist_ok=True)
     for rel in parts:
         s, d = src / rel, dst / rel
@@ -412,7 +414,7 @@ def main() -> None:
                     _share(shared_tiles, run_dir, ("manifest.csv", "tiles"))
                 cfg = _config(run_dir, manifest, head, seed, rounds, [*args.overrides, *extra], args.config)
                 t = time.perf_counter()
-                summary = run_coupling(cfg)
+                summary = run_rounds(cfg)
                 timings[f"seed{seed}/{head}/{variant}"] = round(time.perf_counter() - t, 1)
                 shared_tiles = shared_tiles or run_dir
                 seed_round0 = seed_round0 or run_dir
