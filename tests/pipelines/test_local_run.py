@@ -162,7 +162,9 @@ def _tree(tracking_uri: str) -> tuple[set[str], dict[str, list[int]], dict[str, 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("icmil")
     runs = client.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    # The one parent run that has children (the exit-handler test adds a childless "broken" parent to this store).
+    child_of = [r.data.tags.get("mlflow.parentRunId") for r in runs]
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_id in child_of]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     series = {
         name: [m.step for m in client.get_metric_history(parent.info.run_id, name)]
