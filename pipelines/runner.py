@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -159,6 +160,19 @@ def _quiet_runner_output(log_path: Path, verbose: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _keep_builtin_print() -> Iterator[None]:
+    """Put ``print`` back as it was. The KFP local runner indents each task's output by swapping
+    ``builtins.print`` in and out (``kfp.local.logging_utils.indented_print``); tasks of a ``ParallelFor`` run in
+    threads, their swaps interleave and leave an indenting ``print`` behind, which shifted every later line this
+    process printed (``icmil run``'s summary and ``report:`` line) by four spaces."""
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
+@contextlib.contextmanager
 def _environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables for the task subprocesses, restoring the previous values afterwards."""
     old = {k: os.environ.get(k) for k in values}
@@ -280,6 +294,7 @@ def run_local(cfg: ICMILConfig, *, verbose: bool | None = None, print_summary: b
     try:
         with (
             _environment(env),
+            _keep_builtin_print(),
             _quiet_runner_output(pipeline_root / "pipeline.log", verbose),
             warnings.catch_warnings(),
         ):

@@ -33,6 +33,7 @@ from icmil.io import write_text_atomic
 from icmil.log import get_logger
 from icmil.report.collect import RunContents, collect_run
 from icmil.report.deepzoom import Pyramid, write_overlay, write_pyramid
+from icmil.run_summary import SUMMARY_COLUMNS
 
 log = get_logger("report")
 
@@ -41,21 +42,24 @@ ASSETS = "report_files"
 OSD_VERSION = "6.1.1"
 VENDOR = Path(__file__).parent / "vendor" / "openseadragon"
 
-# Columns of the per-round table, in this order, when present in any row (summary.csv has every column).
-TABLE_COLUMNS = (
-    ("round", "round"),
-    ("val_auc", "val AUC"),
-    ("test_auc", "test AUC"),
-    ("test_balanced_accuracy", "test bal. acc."),
-    ("test_accuracy", "test acc."),
-    ("test_f1", "test F1"),
-    ("test_loss", "test loss"),
-    ("patch_auc_test", "test patch AUC"),
-    ("patch_auc_all", "patch AUC (all)"),
-    ("finetune_teacher_val_auc", "teacher val AUC"),
-    ("finetune_selected_val_auc", "selected val AUC"),
-    ("finetune_best_step", "selected step"),
-)
+# Column headers of the per-round table. WHICH columns it shows, and in what order, is icmil.run_summary's
+# SUMMARY_COLUMNS (the table `icmil couple` / `icmil run` print), so the two tables cannot drift apart; a column
+# without a header here shows under its own name. ``teacher_kept`` is the note column.
+COLUMN_LABELS = {
+    "round": "round",
+    "val_auc": "val AUC",
+    "test_auc": "test AUC",
+    "test_accuracy": "test acc.",
+    "test_f1": "test F1",
+    "test_loss": "test loss",
+    "patch_auc_test": "test patch AUC",
+    "patch_auc_all": "patch AUC (all)",
+    "finetune_best_step": "selected step",
+    "finetune_teacher_val_auc": "teacher val AUC",
+    "finetune_selected_val_auc": "selected val AUC",
+    "finetune_teacher_cv_auc": "teacher CV AUC",
+    "finetune_selected_cv_auc": "selected CV AUC",
+}
 
 
 def teacher_kept(row: Mapping[str, Any]) -> bool:
@@ -139,7 +143,11 @@ def _decision_section(reg: Mapping[str, Any]) -> str:
 def _rounds_table(rows: Sequence[Mapping[str, Any]], rounds_planned: int | None = None) -> str:
     if not rows:
         return '<p class="muted">No finished round yet.</p>'
-    cols = [(k, label) for k, label in TABLE_COLUMNS if any(k in r for r in rows)]
+    cols = [
+        (k, COLUMN_LABELS.get(k, k))
+        for k in SUMMARY_COLUMNS
+        if k != "teacher_kept" and any(k in r for r in rows)
+    ]
     head = "".join(f"<th>{_e(label)}</th>" for _, label in cols) + "<th>note</th>"
     body = []
     for r in rows:

@@ -36,6 +36,33 @@ def test_a_failing_task_fails_run_local_with_the_task_and_the_log(
     assert (tmp_path / "config.yaml").is_file()
 
 
+def test_run_local_leaves_print_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KFP's local runner swaps builtins.print per task (indented_print); two ParallelFor threads interleave the
+    swaps and leave an indenting print behind. run_local puts print back (else its summary and `report:` line
+    came out indented by four spaces)."""
+    import builtins
+
+    from kfp.local import logging_utils
+
+    def two_threads_interleaving():
+        first, second = logging_utils.indented_print(), logging_utils.indented_print()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)  # restores first's indenting print, not the original
+        assert builtins.print is not original
+
+    original = builtins.print
+    monkeypatch.setattr(
+        "icmil_kfp.pipelines.icmil_pipeline.build_pipeline",
+        lambda cfg, cluster=True: two_threads_interleaving,
+    )
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    with pytest.raises(ICMILError, match="left no output folder"):
+        runner.run_local(cfg, print_summary=False)
+    assert builtins.print is original
+
+
 def test_log_filter_shows_progress_and_errors_but_not_executor_dumps() -> None:
     log, terminal = io.StringIO(), io.StringIO()
     out = runner._LogFilter(log, terminal)

@@ -77,6 +77,24 @@ def test_teacher_kept_rule() -> None:
     assert not teacher_kept({"round": 1, "finetune_best_step": float("nan")})
 
 
+def test_the_rounds_table_shows_the_columns_the_cli_prints() -> None:
+    """One per-round column list (icmil.run_summary.SUMMARY_COLUMNS) for the printed table and the report: the
+    report shows the same columns in the same order (teacher_kept as the note), and nothing else."""
+    from icmil.report.build import COLUMN_LABELS, _rounds_table
+    from icmil.run_summary import SUMMARY_COLUMNS, format_rounds
+
+    shown = [c for c in SUMMARY_COLUMNS if c != "teacher_kept"]
+    assert set(COLUMN_LABELS) <= set(SUMMARY_COLUMNS)
+    row = {c: 0.5 for c in shown} | {"round": 1, "teacher_kept": False, "test_n": 4.0, "val_loss": 0.3}
+    page = _rounds_table([row])
+    header = re.findall(r"<th>(.*?)</th>", page)
+    assert header == [COLUMN_LABELS.get(c, c) for c in shown] + ["note"]
+    printed = format_rounds([row]).splitlines()[0].split()
+    assert printed == ["round", "teacher_kept", *shown[1:]]  # the CLI table: the same list
+    # A run with stage-2 selection by cross-validation shows the CV AUCs that decided whether the teacher stayed.
+    assert "teacher CV AUC" in header and "selected CV AUC" in header
+
+
 def test_report_files_are_local_and_complete(reported: Path) -> None:
     page = (reported / "report.html").read_text(encoding="utf-8")
     files = reported / "report_files"
