@@ -1,13 +1,18 @@
 """What ``icmil predict`` was asked to predict: slide paths, globs, ``s3://`` URIs (with wildcards) or a
 manifest CSV, turned into one table ``slide_id, path, mpp``.
 
-Slide ids become folder names under the output folder, so they are checked: an id from a manifest must be a
-plain name (letters, digits, ``.``, ``_``, ``-``; no separators, no ``..``), and ids made from file names are
-made safe and unique (``a/s1.svs`` and ``b/s1.svs`` give ``s1`` and ``s1_2``).
+Slide ids become file and folder names under the output folder, so they are checked: an id from a manifest or
+a table follows the same rule as in training manifests (:func:`icmil.slide_ids.slide_id_problem`) and may appear
+only once (ids differing only by letter case count as the same: they share a file on macOS and Windows). Ids
+made from file names are made safe and unique without ever taking an id that is already used (``a/s1.svs`` and
+``b/s1.svs`` give ``s1`` and ``s1_2``; a third file ``s1_2.svs`` then gets ``s1_2_2``), so two slides never
+share tiles, features or outputs.
 
 Example:
     >>> expand_slide_inputs(["a/s1.svs", "b/s1.svs", "s3://bucket/s2.tiff"])["slide_id"].tolist()
     ['s1', 's1_2', 's2']
+    >>> expand_slide_inputs(["a/s1.svs", "b/s1.svs", "S1_2.svs"])["slide_id"].tolist()
+    ['s1', 's1_2', 'S1_2_2']
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ import numpy as np
 import pandas as pd
 
 from icmil.errors import ConfigError, ManifestError
+from icmil.slide_ids import MAX_LENGTH, id_key, slide_id_problem
 
 MANIFEST_SUFFIXES = (".csv",)
 _WILDCARDS = re.compile(r"[*?\[]")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+# Ids made from file names keep room for a "_<n>" suffix that makes them unique.
+_NAME_ID_LENGTH = MAX_LENGTH - 8
+_SAFE_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._\-]{{0,{_NAME_ID_LENGTH - 1}}}$")
 
 
 def _is_glob(text: str) -> bool:
@@ -42,17 +50,43 @@ def safe_id_from_name(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     stem = Path(name).stem if Path(name).suffix else name
     clean = re.sub(r"[^A-Za-z0-9._\-]+", "_", stem).strip("._")
-    return clean[:200] if _SAFE_ID.match(clean[:200]) else "slide"
+    clean = re.sub(r"\.{2,}", ".", clean)[:_NAME_ID_LENGTH].rstrip("._")
+    return clean if _SAFE_ID.match(clean) and slide_id_problem(clean) is None else "slide"
 
 
 def check_slide_id(slide_id: str, where: str) -> str:
-    """``slide_id`` when it is a safe folder name, else a :class:`ConfigError` naming ``where`` it came from."""
-    if not _SAFE_ID.match(slide_id) or ".." in slide_id:
+    """``slide_id`` when it is a safe file name (the rule of training manifests), else a :class:`ConfigError`
+    naming ``where`` it came from.
+
+    >>> check_slide_id("Slide 12 (re-scan)", "row 2")
+    'Slide 12 (re-scan)'
+    """
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
         raise ConfigError(
-            f"{where}: slide_id {slide_id!r} is not a plain name (use letters, digits, '.', '_' or '-', at most "
-            "200 characters, no path separators or '..'): it becomes a folder name under the output folder"
+            f"{where}: slide_id {slide_id!r} {problem}; it becomes a file and folder name under the output "
+            "folder: rename the slide"
         )
     return slide_id
+
+
+def _refuse_duplicate_ids(ids: Sequence[tuple[str, str]]) -> None:
+    """A :class:`ConfigError` when two given ids (``(id, where)`` pairs) would share a file: equal, or equal
+    but for letter case (one file on macOS, Windows and many network shares)."""
+    first: dict[str, tuple[str, str]] = {}
+    for sid, where in ids:
+        key = id_key(sid)
+        if key in first:
+            other, other_where = first[key]
+            raise ConfigError(
+                f"slide_id {sid!r} ({where}) and {other!r} ({other_where}) would share one output file "
+                "(ids must be unique, and ids differing only by letter case count as the same); rename one"
+            )
+        first[key] = (sid, where)
+
+
+def _given(slide_id: object) -> bool:
+    return isinstance(slide_id, str) and bool(slide_id)
 
 
 def _s3_matches(pattern: str) -> list[str]:
@@ -97,6 +131,7 @@ def read_prediction_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     if "path" not in df.columns:
         raise ManifestError(f"manifest {p} needs a 'path' column (has {list(df.columns)})")
     rows = []
+    given: list[tuple[str, str]] = []
     for i, rec in enumerate(df.to_dict("records"), start=2):  # row 1 is the header
         raw = str(rec.get("path", "")).strip()
         if not raw:
@@ -104,13 +139,14 @@ def read_prediction_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
         full = raw if "://" in raw or Path(raw).is_absolute() else str((p.parent / raw).resolve())
         sid = str(rec.get("slide_id", "") or "").strip()
         if sid:
-            check_slide_id(sid, f"manifest {p} row {i}")
+            given.append((check_slide_id(sid, f"manifest {p} row {i}"), f"manifest {p} row {i}"))
         mpp_text = str(rec.get("mpp", "") or "").strip()
         try:
             mpp = float(mpp_text) if mpp_text else np.nan
         except ValueError:
             raise ManifestError(f"manifest {p} row {i}: mpp {mpp_text!r} is not a number") from None
         rows.append({"slide_id": sid or None, "path": full, "mpp": mpp})
+    _refuse_duplicate_ids(given)
     return pd.DataFrame(rows, columns=["slide_id", "path", "mpp"])
 
 
@@ -121,8 +157,10 @@ def expand_slide_inputs(
     """One table ``slide_id, path, mpp`` for slide paths, globs (``slides/*.svs``, ``s3://b/run1/*.tiff``),
     ``s3://`` URIs, feature ``.h5`` files, ``.csv`` manifests among ``items``, and ``manifest``.
 
-    A DataFrame with a ``path`` column (optional ``slide_id``, ``mpp``) is taken as is. Ids are unique:
-    repeated names get ``_2``, ``_3``. Paths are not checked here: a missing slide is a per-slide error later.
+    A DataFrame with a ``path`` column (optional ``slide_id``, ``mpp``) is taken as is. Given ids (manifest
+    or table) must be safe and unique (:class:`ConfigError` otherwise); ids made from file names get ``_2``,
+    ``_3``... when their name is taken, never an id already in use. Paths are not checked here: a missing slide
+    is a per-slide error later.
     """
     if isinstance(items, pd.DataFrame):
         if "path" not in items.columns:
@@ -152,12 +190,24 @@ def expand_slide_inputs(
     if not parts:
         raise ConfigError("nothing to predict: give slide paths, globs, s3:// URIs or a manifest CSV")
     table = pd.concat(parts, ignore_index=True)
+    given = [
+        (str(sid), f"row {i + 1} of the slides") for i, sid in enumerate(table["slide_id"]) if _given(sid)
+    ]
+    _refuse_duplicate_ids(given)
+    # Ids made from names never take a given id or another made one (two slides must not share files).
+    taken = {id_key(sid) for sid, _ in given}
     ids: list[str] = []
-    seen: dict[str, int] = {}
     for sid, path in zip(table["slide_id"], table["path"], strict=True):
-        base = str(sid) if isinstance(sid, str) and sid else safe_id_from_name(str(path))
-        seen[base] = seen.get(base, 0) + 1
-        ids.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+        if _given(sid):
+            ids.append(str(sid))
+            continue
+        base = safe_id_from_name(str(path))
+        candidate, n = base, 1
+        while id_key(candidate) in taken:
+            n += 1
+            candidate = f"{base}_{n}"
+        taken.add(id_key(candidate))
+        ids.append(candidate)
     table["slide_id"] = ids
     table["mpp"] = pd.to_numeric(table["mpp"], errors="coerce")
     return table[["slide_id", "path", "mpp"]]
