@@ -283,4 +283,15 @@ def read_features(path: str | os.PathLike[str]) -> FeatureBag:
     coords = coords.astype(np.int64, copy=False)
     if coords.shape != (len(feats), 2):
         raise FeatureStoreError(f"{p}: coords shape {coords.shape} does not match features {feats.shape}")
+    stored = attrs.get(CHECKSUM_ATTR)
+    if stored is not None:
+        # Files written here carry a content checksum: every reader (training, evaluation, stage 2) checks it,
+        # so flipped bytes that still decode as plausible numbers never train a head silently.
+        content = _ContentHash()
+        content.update(feats, coords)
+        if content.hexdigest(int(feats.shape[1])) != stored:
+            raise FeatureStoreError(
+                f"features file {p} is corrupt: its content does not match the checksum stored when it was "
+                "written; run `icmil embed` again (it re-embeds a corrupt file)"
+            )
     return FeatureBag(features=feats, coords=coords, attrs=attrs, path=p)

@@ -19,7 +19,7 @@ from icmil.cli import main
 from icmil.config import EmbedConfig, EncoderConfig, SynthConfig, TilingConfig
 from icmil.errors import FeatureStoreError
 from icmil.features import create_encoder, embed_manifest
-from icmil.features.store import verify_features
+from icmil.features.store import read_features, verify_features
 from icmil.io import remove_stale_temp_files
 from icmil.manifest import read_manifest
 from icmil.slides import read_tiles, synthesize_cohort, tile_manifest
@@ -71,6 +71,8 @@ def test_a_features_file_with_flipped_bytes_is_embedded_again(cohort: Path, tmp_
     _flip_byte_in(victim, "features")
     with pytest.raises(FeatureStoreError, match="is corrupt"):
         verify_features(victim)
+    with pytest.raises(FeatureStoreError, match="is corrupt.*icmil embed"):
+        read_features(victim)  # what training, evaluation and stage 2 read through
     again = embed_manifest(manifest, tmp_path / "tiles", out, _encoder(), cfg)
     assert again.n_skipped == 2  # the two intact files are reused...
     assert not again.status.set_index("slide_id").loc["slide_001", "skipped"]  # ...the corrupt one is not
