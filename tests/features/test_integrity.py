@@ -71,7 +71,7 @@ def test_a_features_file_with_flipped_bytes_is_embedded_again(cohort: Path, tmp_
     _flip_byte_in(victim, "features")
     with pytest.raises(FeatureStoreError, match="is corrupt"):
         verify_features(victim)
-    with pytest.raises(FeatureStoreError, match="is corrupt.*icmil embed"):
+    with pytest.raises(FeatureStoreError, match=r"is corrupt.*icmil embed"):
         read_features(victim)  # what training, evaluation and stage 2 read through
     again = embed_manifest(manifest, tmp_path / "tiles", out, _encoder(), cfg)
     assert again.n_skipped == 2  # the two intact files are reused...
