@@ -136,8 +136,8 @@ def initial_encoder(
 ) -> Any:
     """The round-0 encoder from ``cfg.encoder`` (local weights, hub, or seeded random init).
 
-    A randomly initialised encoder (no ``weights``, not ``pretrained``) gets its BatchNorm statistics
-    re-estimated on ``coupling.initial_bn_calibration`` random patches of the TRAINING slides (seeded, so every
+    A randomly initialised encoder (no ``weights``, not ``pretrained``; or any encoder with
+    ``coupling.calibrate_pretrained_bn``) gets its BatchNorm statistics re-estimated on ``coupling.initial_bn_calibration`` random patches of the TRAINING slides (seeded, so every
     process builds the same encoder; see :mod:`icmil.coupling.batchnorm`), which needs ``manifest_csv`` and
     ``tiles_dir``.
     """
@@ -145,8 +145,9 @@ def initial_encoder(
 
     encoder = create_encoder(cfg.encoder)
     n_patches = cfg.coupling.initial_bn_calibration
-    if n_patches <= 0 or cfg.encoder.weights or cfg.encoder.pretrained:
-        return encoder  # real weights carry real statistics: never overwrite them
+    pretrained = bool(cfg.encoder.weights or cfg.encoder.pretrained)
+    if n_patches <= 0 or (pretrained and not cfg.coupling.calibrate_pretrained_bn):
+        return encoder  # real weights carry their own statistics: overwritten only when asked
     if manifest_csv is None or tiles_dir is None:
         raise ConfigError(
             "coupling.initial_bn_calibration needs the manifest and tiles to calibrate the initial encoder"

@@ -253,3 +253,32 @@ def test_couple_tunes_each_round_when_tuning_is_enabled(tmp_path: Path) -> None:
     again = RecordingTracker()
     run_rounds(cfg, tracker=again)
     assert again.opened == []
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_pretrained_batchnorm_statistics_change_only_when_asked(tmp_path: Path, calibrate: bool) -> None:
+    """Weights from another domain keep their stored BatchNorm statistics unless
+    ``coupling.calibrate_pretrained_bn`` re-estimates them on the training patches (label-free)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from icmil.features import create_encoder
+
+    run = round0_run(tmp_path / "r0")
+    cfg = tiny_config(run)
+    donor = create_encoder(cfg.encoder)
+    bns = [m for m in donor.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    for m in bns:  # "pretrained elsewhere": statistics that do not fit these patches
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(9.0)
+    weights = tmp_path / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(weights))
+    cfg = tiny_config(run, [f"encoder.weights={weights}", f"coupling.calibrate_pretrained_bn={calibrate}"])
+    encoder = stages.initial_encoder(cfg, run / "manifest.csv", run / "tiles")
+    means = [m.running_mean for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    conv = next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    donor_conv = next(m for m in donor.modules() if isinstance(m, torch.nn.Conv2d))
+    assert torch.equal(conv.weight, donor_conv.weight)  # the weights themselves are never touched
+    untouched = all(torch.equal(m, torch.full_like(m, 5.0)) for m in means)
+    assert untouched is not calibrate
