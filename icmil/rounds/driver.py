@@ -115,7 +115,10 @@ def config_conflicts(
         if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)) and not k.startswith(RESUME_FREE_PREFIXES)
     ]
     if not coupling_started:
-        round0 = ("coupling.initial_bn_calibration", "coupling.calibrate_pretrained_bn")  # the round-0 encoder's
+        round0 = (
+            "coupling.initial_bn_calibration",
+            "coupling.calibrate_pretrained_bn",
+        )  # the round-0 encoder's
         out = [k for k in out if not k.startswith("coupling.") or k in round0]
     return out
 
