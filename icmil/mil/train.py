@@ -503,7 +503,7 @@ def _draw_heatmaps(
         inst = test.instances[sid]
         scores = inst.attention if inst.attention is not None else inst.positive_prob
         what = "attention" if inst.attention is not None else "instance p(positive)"
-        title = f"{sid}: label {classes[test.labels[i]]}, p = {np.round(test.probs[i], 3).tolist()} ({what})"
+        title = f"{sid}: label {classes[test.labels[i]]}, p = {[round(float(x), 3) for x in test.probs[i]]} ({what})"
         try:
             plot_heatmap(
                 inst.coords,
