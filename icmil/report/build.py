@@ -162,8 +162,9 @@ def _rounds_table(rows: Sequence[Mapping[str, Any]], rounds_planned: int | None 
         cls = ' class="kept"' if kept else ""
         body.append(f'<tr{cls} data-round="{_e(r.get("round"))}">{cells}<td>{_e(note)}</td></tr>')
     legend = (
-        '<p class="muted">"teacher kept": fine-tuning found no student better than the teacher on validation '
-        "(selected step 0), so this round's encoder is the previous round's. All metrics: "
+        '<p class="muted">"teacher kept": fine-tuning found no student better than the teacher by the selection '
+        "rule (coupling.selection; by default a head retrained in cross-validation over the train and val slides), "
+        "so this round's encoder is the previous round's and nothing was re-embedded or retrained. All metrics: "
         "<code>summary.csv</code>.</p>"
     )
     last = int(rows[-1].get("round", 0))
