@@ -553,6 +553,20 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ICMILConfi
         raise ConfigError(f"invalid config {source}: {problems}") from None
 
 
+def calibrates_initial_encoder(cfg: ICMILConfig) -> bool:
+    """Whether round 0's encoder gets its BatchNorm statistics re-estimated on training patches (and so reads
+    the tiles): a random init always (``coupling.initial_bn_calibration`` > 0), pretrained weights only with
+    ``coupling.calibrate_pretrained_bn``.
+
+    >>> calibrates_initial_encoder(load_config(None, ["encoder.weights=w.safetensors"]))
+    False
+    """
+    pretrained = bool(cfg.encoder.weights or cfg.encoder.pretrained)
+    return cfg.coupling.initial_bn_calibration > 0 and (
+        not pretrained or cfg.coupling.calibrate_pretrained_bn
+    )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ICMILConfig:

@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icmil.config import ICMILConfig, apply_params, dump_config
+from icmil.config import ICMILConfig, apply_params, calibrates_initial_encoder, dump_config
 from icmil.errors import ConfigError, FeatureStoreError
 from icmil.io import text_digest, write_json_atomic
 from icmil.log import get_logger
@@ -145,8 +145,7 @@ def initial_encoder(
 
     encoder = create_encoder(cfg.encoder)
     n_patches = cfg.coupling.initial_bn_calibration
-    pretrained = bool(cfg.encoder.weights or cfg.encoder.pretrained)
-    if n_patches <= 0 or (pretrained and not cfg.coupling.calibrate_pretrained_bn):
+    if not calibrates_initial_encoder(cfg):
         return encoder  # real weights carry their own statistics: overwritten only when asked
     if manifest_csv is None or tiles_dir is None:
         raise ConfigError(

@@ -84,7 +84,13 @@ from icmil_kfp.pipelines.platform import place
 CACHE_VIEWS: dict[str, tuple[str, ...]] = {
     "prepare": ("synth",),
     # BatchNorm calibration of the initial encoder reads training patches (coupling.initial_bn_calibration).
-    "encoder": ("encoder", "tiling", "coupling.initial_bn_calibration", "coupling.batch_size"),
+    "encoder": (
+        "encoder",
+        "tiling",
+        "coupling.initial_bn_calibration",
+        "coupling.calibrate_pretrained_bn",
+        "coupling.batch_size",
+    ),
     "tile": ("tiling",),
     "embed": ("tiling", "encoder", "embed"),
 }

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from icmil.config import ICMILConfig
+from icmil.config import ICMILConfig, calibrates_initial_encoder
 
 T = TypeVar("T")
 
@@ -97,9 +97,10 @@ TILE = Stage("tile", TILES, (("cohort", _run(COHORT)),), tracked=False, per_shar
 
 
 def initial_encoder_stage(cfg: ICMILConfig) -> Stage:
-    """Round 0's encoder: the configured one, materialised once. A random init calibrates its BatchNorm on
-    training patches and then reads the tiles; otherwise it needs nothing (the pipeline builds it while tiling)."""
-    uses = (("tiles", _run(TILES)),) if cfg.coupling.initial_bn_calibration > 0 else ()
+    """Round 0's encoder: the configured one, materialised once. When its BatchNorm is calibrated on training
+    patches (a random init; pretrained weights with ``coupling.calibrate_pretrained_bn``) it reads the tiles;
+    otherwise it needs nothing (the pipeline builds it while tiling)."""
+    uses = (("tiles", _run(TILES)),) if calibrates_initial_encoder(cfg) else ()
     return Stage(ENCODER, ENCODER, uses, tracked=False)
 
 

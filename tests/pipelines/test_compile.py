@@ -451,3 +451,23 @@ def test_batchnorm_calibration_builds_the_initial_encoder_from_the_tiles(out_dir
         _task_inputs(spec, tasks["encoder-r0"][0])["parameters"]["config_yaml"]["runtimeValue"]["constant"]
     )
     assert view.coupling.initial_bn_calibration == 256 and view.coupling.lr == ICMILConfig().coupling.lr
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_pretrained_weights_read_the_tiles_only_when_their_batchnorm_is_calibrated(
+    out_dir: Path, calibrate: bool
+) -> None:
+    overrides = (
+        "coupling.rounds=1",
+        "encoder.weights=/models/encoder.safetensors",
+        f"coupling.calibrate_pretrained_bn={calibrate}",
+    )
+    spec = compile_cfg(out_dir, overrides)[0]
+    tasks = kfp_yaml.leaf_tasks(spec)
+    assert ("merge-tiles" in tasks["encoder-r0"][0].upstream) is calibrate
+    view = config_from_yaml(
+        _task_inputs(spec, tasks["encoder-r0"][0])["parameters"]["config_yaml"]["runtimeValue"]["constant"]
+    )
+    assert view.coupling.calibrate_pretrained_bn is calibrate  # the component sees the setting
+    # Without calibration round 0 embeds each shard as soon as it is tiled (inside the tile loop).
+    assert (tasks["embed-r0"][0].groups[-1] == "shards-embed-r0") is calibrate
