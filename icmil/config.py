@@ -331,14 +331,14 @@ class CouplingConfig(_Section):
     initial_bn_calibration: int = Field(
         1000,
         ge=0,
-        description="random-init round-0 encoder only: re-estimate its BatchNorm statistics on this many "
-        "training patches (0 = off; encoders with weights are untouched unless calibrate_pretrained_bn)",
+        description="re-estimate the round-0 encoder's BatchNorm statistics on this many training patches "
+        "(0 = off): a random init always, pretrained weights only with calibrate_pretrained_bn",
     )
     calibrate_pretrained_bn: bool = Field(
         False,
         description="also re-estimate a PRETRAINED round-0 encoder's BatchNorm statistics on "
         "initial_bn_calibration training patches (label-free; AdaBN): for weights from another domain, whose "
-        "stored statistics make the stage-2 student (batch statistics) disagree with its teacher at step 0",
+        "stored statistics make the stage-2 student (batch statistics) disagree with its teacher from step 1",
     )
     encoder_lr: float | None = Field(
         None, gt=0, description="learning rate of the student encoder (None: coupling.lr, as the head)"
