@@ -246,11 +246,13 @@ def verify_features(path: str | os.PathLike[str]) -> None:
         )
 
 
-def read_features(path: str | os.PathLike[str]) -> FeatureBag:
+def read_features(path: str | os.PathLike[str], *, verify: bool = True) -> FeatureBag:
     """Read a features file written here, by CLAM (``features`` (N, D) or (1, N, D), ``coords``) or TRIDENT.
 
     Missing ``coords`` (CLAM ``.pt``-style exports turned into HDF5) become an all ``-1`` array with a note
     in attrs; a file without ``features`` raises ``FeatureStoreError`` naming the file and what was found.
+    A file written here is checked against its content checksum unless ``verify=False`` (for a reader that
+    re-reads a file it has already verified, such as the bag store's later epochs).
     """
     p = Path(path)
     if not p.is_file():
@@ -284,7 +286,7 @@ def read_features(path: str | os.PathLike[str]) -> FeatureBag:
     if coords.shape != (len(feats), 2):
         raise FeatureStoreError(f"{p}: coords shape {coords.shape} does not match features {feats.shape}")
     stored = attrs.get(CHECKSUM_ATTR)
-    if stored is not None:
+    if verify and stored is not None:
         # Files written here carry a content checksum: every reader (training, evaluation, stage 2) checks it,
         # so flipped bytes that still decode as plausible numbers never train a head silently.
         content = _ContentHash()

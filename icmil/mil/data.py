@@ -72,6 +72,8 @@ class BagStore:
         self.cache_size = max(0, int(cache_size))
         self._cache: OrderedDict[str, Bag] = OrderedDict()
         self.loaded: list[str] = []
+        # Slides whose file matched its checksum once: later epochs re-read them without hashing again.
+        self._verified: set[str] = set()
 
     def path(self, slide_id: str) -> Path:
         return self.features_dir / f"{slide_id}.h5"
@@ -83,7 +85,7 @@ class BagStore:
             return self._cache[slide_id]
         path = self.path(slide_id)
         try:
-            raw = read_features(path)
+            raw = read_features(path, verify=slide_id not in self._verified)
         except FeatureStoreError as err:
             raise FeatureStoreError(f"slide {slide_id!r}: {err}") from None
         if len(raw) == 0:
@@ -92,6 +94,7 @@ class BagStore:
             raise FeatureStoreError(
                 f"slide {slide_id!r}: {path} contains NaN/inf features; re-embed this slide"
             )
+        self._verified.add(slide_id)
         bag = Bag(slide_id, torch.from_numpy(raw.features), raw.coords, raw.attrs)
         self.loaded.append(slide_id)
         if self.cache_size:

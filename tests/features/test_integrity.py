@@ -22,6 +22,7 @@ from icmil.features import create_encoder, embed_manifest
 from icmil.features.store import read_features, verify_features
 from icmil.io import remove_stale_temp_files
 from icmil.manifest import read_manifest
+from icmil.mil.data import BagStore
 from icmil.slides import read_tiles, synthesize_cohort, tile_manifest
 
 TILING = TilingConfig(patch_size=128, target_mpp=1.0)
@@ -73,6 +74,8 @@ def test_a_features_file_with_flipped_bytes_is_embedded_again(cohort: Path, tmp_
         verify_features(victim)
     with pytest.raises(FeatureStoreError, match=r"is corrupt.*icmil embed"):
         read_features(victim)  # what training, evaluation and stage 2 read through
+    with pytest.raises(FeatureStoreError, match=r"slide_001.*is corrupt"):
+        BagStore(out).load("slide_001")  # the bag head's reader: verified on its first read
     again = embed_manifest(manifest, tmp_path / "tiles", out, _encoder(), cfg)
     assert again.n_skipped == 2  # the two intact files are reused...
     assert not again.status.set_index("slide_id").loc["slide_001", "skipped"]  # ...the corrupt one is not
