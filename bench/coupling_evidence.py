@@ -93,7 +93,7 @@ DEFAULT_SETTINGS = (
 )
 
 
-def _config(
+def run_config(
     run_dir: Path,
     manifest: Path,
     head: str,
@@ -102,6 +102,7 @@ def _config(
     extra: list[str],
     base_config: Path | None = None,
 ) -> ICMILConfig:
+    """One evidence run's config: ``base_config`` (else the demo-scale defaults) with every seed set to ``seed``."""
     return load_config(
         base_config,
         [
@@ -389,7 +390,7 @@ def main() -> None:
                 extra = list(VARIANTS[variant])
                 rounds = args.rounds
                 if variant == LONG_ROUND0:
-                    base_mil = _config(
+                    base_mil = run_config(
                         run_dir, manifest, head, seed, 0, list(args.overrides), args.config
                     ).mil
                     factor = args.rounds + 1
@@ -412,7 +413,9 @@ def main() -> None:
                     )
                 elif shared_tiles is not None:
                     _share(shared_tiles, run_dir, ("manifest.csv", "tiles"))
-                cfg = _config(run_dir, manifest, head, seed, rounds, [*args.overrides, *extra], args.config)
+                cfg = run_config(
+                    run_dir, manifest, head, seed, rounds, [*args.overrides, *extra], args.config
+                )
                 t = time.perf_counter()
                 summary = run_rounds(cfg)
                 timings[f"seed{seed}/{head}/{variant}"] = round(time.perf_counter() - t, 1)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from coupling_evidence import run_config  # the same config an evidence run of this seed uses
 
-from icmil.config import load_config
 from icmil.io import write_json_atomic
 from icmil.stages import finetune_stage
 
@@ -63,20 +63,8 @@ def main() -> None:
         out = args.out / name
         done = out / "encoder" / "finetune.json"
         if not done.is_file():
-            cfg = load_config(
-                args.config,
-                [
-                    *args.overrides,
-                    f"run_dir={out}",
-                    f"manifest={run / 'manifest.csv'}",
-                    f"mil.head={base['head']}",
-                    f"seed={seed}",
-                    f"encoder.seed={seed}",
-                    f"mil.seed={seed}",
-                    f"coupling.seed={seed}",
-                    "coupling.rounds=1",
-                    *extra,
-                ],
+            cfg = run_config(
+                out, run / "manifest.csv", base["head"], seed, 1, [*args.overrides, *extra], args.config
             )
             t = time.perf_counter()
             finetune_stage(
